@@ -1,0 +1,81 @@
+"""Grouped-query self-attention with QK-norm, per-layer RoPE/mask choice and an optional KV cache.
+
+One class serves Qwen3 (QK-norm per head over D) and Olmo-3 (QK-norm over the whole projection,
+MODEL_SPEC §5.2).  The layer type (full or sliding) is data, not structure: the caller passes the
+cos/sin tables and mask that belong to this layer, so the layer stack stays scannable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlcsd_jax.models import layers
+from rlcsd_jax.models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """KV cache of one layer (or of all layers when stacked: leading [L] axis).
+
+    k, v: [B, S_cache, KV, D] in the compute dtype.  The write offset and key positions live in
+    `KVCache` (shared by all layers).
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    """q/k/v/o kernels: [d, H, D], [d, KV, D], [d, KV, D], [H, D, d]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.q_proj = layers.param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, stack=stack)
+        self.k_proj = layers.param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd,
+                                   stack=stack)
+        self.v_proj = layers.param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd,
+                                   stack=stack)
+        self.o_proj = layers.param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, stack=stack)
+        q_norm_size = hd if cfg.qk_norm_per_head else h * hd
+        k_norm_size = hd if cfg.qk_norm_per_head else kv * hd
+        w32 = cfg.fp32_norm_and_rope
+        self.q_norm = layers.RMSNorm(q_norm_size, cfg.rms_norm_eps, w32, param_dtype=pd, stack=stack)
+        self.k_norm = layers.RMSNorm(k_norm_size, cfg.rms_norm_eps, w32, param_dtype=pd, stack=stack)
+        self.per_head_norm = cfg.qk_norm_per_head
+        self.rope_in_fp32 = cfg.fp32_norm_and_rope
+        self.attention_impl = cfg.attention_impl
+
+    def _qk_norm(self, x, norm: layers.RMSNorm):
+        if self.per_head_norm:
+            return norm(x)
+        b, t, n, hd = x.shape
+        return norm(x.reshape(b, t, n * hd)).reshape(b, t, n, hd)
+
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None):
+        """x [B, T, d]; cos/sin [B, T, D]; mask [B, T, S] bool.
+
+        Without a cache S = T.  With a cache, the new k/v are written at `cache_index` along the
+        cache's sequence axis and attention runs over the whole cache (S = S_cache); the mask
+        tells which cache slots are visible.  Returns (out [B, T, d], updated cache or None).
+        """
+        q = layers.linear(x, self.q_proj[...], "btd,dhk->bthk")
+        k = layers.linear(x, self.k_proj[...], "btd,dhk->bthk")
+        v = layers.linear(x, self.v_proj[...], "btd,dhk->bthk")
+        q, k = self._qk_norm(q, self.q_norm), self._qk_norm(k, self.k_norm)
+        q = layers.apply_rope(q, cos, sin, self.rope_in_fp32)
+        k = layers.apply_rope(k, cos, sin, self.rope_in_fp32)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                        cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                        cache_index, axis=1)
+            cache = LayerCache(k=k_all, v=v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = layers.get_attention_impl(self.attention_impl)(q, k, v, mask)
+        return layers.linear(out, self.o_proj[...], "bthk,hkd->btd"), cache

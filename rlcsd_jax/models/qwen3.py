@@ -1,0 +1,59 @@
+"""Qwen3 dense (0.6B / 1.7B / 4B / 8B): pre-norm blocks with per-head QK-norm (MODEL_SPEC §1.2)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from rlcsd_jax.models import layers
+from rlcsd_jax.models.attention import Attention
+from rlcsd_jax.models.config import FULL, ModelConfig, RopeConfig
+
+
+class Qwen3Block(nnx.Module):
+    """h += attn(input_norm(h)); h += mlp(post_attention_norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        pd, d, eps = cfg.param_dtype, cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = layers.RMSNorm(d, eps, False, param_dtype=pd, stack=stack)
+        self.self_attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.post_attention_layernorm = layers.RMSNorm(d, eps, False, param_dtype=pd, stack=stack)
+        self.mlp = layers.SwiGLU(d, cfg.intermediate_size, param_dtype=pd, rngs=rngs, stack=stack)
+
+    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
+        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, cache_index)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
+
+# HF tensor name per block parameter path (relative to the block).
+HF_LAYER_NAMES = {
+    ("input_layernorm", "weight"): "input_layernorm.weight",
+    ("self_attn", "q_proj"): "self_attn.q_proj.weight",
+    ("self_attn", "k_proj"): "self_attn.k_proj.weight",
+    ("self_attn", "v_proj"): "self_attn.v_proj.weight",
+    ("self_attn", "o_proj"): "self_attn.o_proj.weight",
+    ("self_attn", "q_norm", "weight"): "self_attn.q_norm.weight",
+    ("self_attn", "k_norm", "weight"): "self_attn.k_norm.weight",
+    ("post_attention_layernorm", "weight"): "post_attention_layernorm.weight",
+    ("mlp", "gate_proj"): "mlp.gate_proj.weight",
+    ("mlp", "up_proj"): "mlp.up_proj.weight",
+    ("mlp", "down_proj"): "mlp.down_proj.weight",
+}
+
+
+def _preset(vocab, d, f, n_layers, h, kv, tied) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen3", vocab_size=vocab, hidden_size=d, intermediate_size=f,
+        num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=128, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, layer_types=(FULL,) * n_layers,
+        rope_full=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960,
+        hf_extra=(("bos_token_id", 151643), ("eos_token_id", 151645), ("torch_dtype", "bfloat16")))
+
+
+# MODEL_SPEC §2.
+PRESETS = {
+    "qwen3-0.6b": _preset(151936, 1024, 3072, 28, 16, 8, True),
+    "qwen3-1.7b": _preset(151936, 2048, 6144, 28, 16, 8, True),
+    "qwen3-4b": _preset(151936, 2560, 9728, 36, 32, 8, True),
+    "qwen3-8b": _preset(151936, 4096, 12288, 36, 32, 8, False),
+}

@@ -38,4 +38,4 @@ def test_hf_config_round_trip():
     for name in models.PRESETS:
         cfg = models.get_preset(name)
         again = models.from_hf_config(models.to_hf_config(cfg))
-        assert again.replace(hf_extra=()) == cfg.replace(hf_extra=()), name
+        assert again.replace(hf_extra="{}") == cfg.replace(hf_extra="{}"), name

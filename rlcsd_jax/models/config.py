@@ -54,8 +54,9 @@ class ModelConfig:
     remat_policy: str = "none"      # see decoder.REMAT_POLICIES
     scan_layers: bool = True
     attention_impl: str = "xla"
-    # Extra HF config.json keys kept verbatim for export (eos ids, torch_dtype, …).
-    hf_extra: tuple[tuple[str, Any], ...] = ()
+    # Extra HF config.json keys kept verbatim for export (eos ids, torch_dtype, …), as a JSON
+    # string so the config stays hashable (it is static data under jit).
+    hf_extra: str = "{}"
 
     @property
     def pre_norm(self) -> bool:
@@ -148,7 +149,7 @@ def from_hf_config(hf: dict | str | os.PathLike, **overrides) -> ModelConfig:
             rope_sliding=rope_sliding if SLIDING in layer_types else None,
             sliding_window=(int(hf["sliding_window"]) if SLIDING in layer_types else None),
             max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
-            hf_extra=tuple((k, hf[k]) for k in _EXPORT_KEYS if k in hf))
+            hf_extra=json.dumps({k: hf[k] for k in _EXPORT_KEYS if k in hf}, sort_keys=True))
     except KeyError as e:
         raise ValueError(f"config.json lacks required key {e.args[0]!r}") from None
     if len(layer_types) != n_layers or set(layer_types) - {FULL, SLIDING}:
@@ -172,7 +173,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     """A transformers >= 5.13 config.json dict for `cfg`."""
     arch = {"qwen3": "Qwen3ForCausalLM", "olmo3": "Olmo3ForCausalLM"}[cfg.model_type]
     hf: dict[str, Any] = {"architectures": [arch], "model_type": cfg.model_type}
-    hf.update(dict(cfg.hf_extra))
+    hf.update(json.loads(cfg.hf_extra))
     hf.update(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,

@@ -7,6 +7,8 @@ chat template, these constants document what that template produces):
 
 from __future__ import annotations
 
+import json
+
 from flax import nnx
 
 from rlcsd_jax.models import layers
@@ -65,8 +67,8 @@ def _preset(d, f, n_layers, h, kv) -> ModelConfig:
         layer_types=tuple(FULL if (i + 1) % 4 == 0 else SLIDING for i in range(n_layers)),
         rope_full=yarn, rope_sliding=RopeConfig(theta=500_000.0), sliding_window=4096,
         max_position_embeddings=65536,
-        hf_extra=(("eos_token_id", ENDOFTEXT_ID), ("pad_token_id", PAD_ID),
-                  ("torch_dtype", "bfloat16")))
+        hf_extra=json.dumps({"eos_token_id": ENDOFTEXT_ID, "pad_token_id": PAD_ID,
+                             "torch_dtype": "bfloat16"}))
 
 
 # MODEL_SPEC §2.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from flax import nnx
 
 from rlcsd_jax.models import layers
@@ -47,7 +49,8 @@ def _preset(vocab, d, f, n_layers, h, kv, tied) -> ModelConfig:
         num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=128, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, layer_types=(FULL,) * n_layers,
         rope_full=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960,
-        hf_extra=(("bos_token_id", 151643), ("eos_token_id", 151645), ("torch_dtype", "bfloat16")))
+        hf_extra=json.dumps({"bos_token_id": 151643, "eos_token_id": 151645,
+                             "torch_dtype": "bfloat16"}))
 
 
 # MODEL_SPEC §2.

@@ -1,0 +1,286 @@
+"""Jitted KV-cache sampler: one prefill over left-padded prompts, then a `lax.while_loop` decode.
+
+Why left padding: every prompt then ends at the same buffer index, so the whole batch decodes
+with one shared cache write offset and a static slice, while per-row *positions* (count of real
+tokens) keep RoPE and causality exact for every row (`attention_mask` works on positions).
+
+G samples per prompt share one prefill: the prompt cache and last-position logits are repeated
+G times along the batch before the first token is drawn, instead of prefilling G copies.
+
+Static shapes: prompt lengths are padded to a bucket (powers of two by default) and the cache
+holds bucket + max_new_tokens slots, so a run compiles one prefill and one decode program per
+(batch, bucket).  Cache buffers are donated to the decode loop.
+
+Log-probs: the log-probability of each sampled token under softmax(logits / T) over the FULL
+vocabulary, in fp32 (the "old" log-prob of RLCSD_SPEC §1.3, not the top-k/top-p renormalised
+one).  With temperature 0 (greedy) it is the log-softmax of the raw logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlcsd_jax.models.decoder import KVCache
+
+DEFAULT_BUCKETS = tuple(2 ** i for i in range(4, 17))  # 16 … 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable the filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling options {self}")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Per generated sequence, prompt-major (prompt 0 samples 0..n-1, prompt 1, …)."""
+
+    tokens: list[list[int]]       # new tokens up to and including the first EOS
+    logprobs: list[list[float]]   # log p(token) under softmax(logits / T), full vocab, fp32
+    truncated: list[bool]         # budget reached without an EOS
+    prompt_index: list[int]       # which prompt each sequence continues
+
+
+# ----------------------------------------------------------------------------------------------
+# Token selection
+# ----------------------------------------------------------------------------------------------
+
+
+def filtered_logits(logits: jax.Array, opts: SamplingOptions):
+    """Temperature, then top-k, then top-p on fp32 logits [B, V].
+
+    Returns (candidate logits [B, C] with -inf outside the support, candidate ids [B, C]).
+    With top-k the nucleus is computed inside the k candidates (already sorted by lax.top_k), so
+    no full-vocabulary sort is needed; without top-k the whole vocabulary is sorted.
+    """
+    scaled = logits.astype(jnp.float32) / opts.temperature
+    if opts.top_k > 0:
+        vals, ids = jax.lax.top_k(scaled, min(opts.top_k, scaled.shape[-1]))
+    elif opts.top_p < 1.0:
+        ids = jnp.argsort(-scaled, axis=-1)
+        vals = jnp.take_along_axis(scaled, ids, axis=-1)
+    else:
+        return scaled, None
+    if opts.top_p < 1.0:
+        probs = jax.nn.softmax(vals, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        vals = jnp.where(mass_before < opts.top_p, vals, -jnp.inf)
+    return vals, ids
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions):
+    """logits [B, V] fp32 -> (tokens [B] int32, logprobs [B] fp32 under softmax(logits / T))."""
+    logits = logits.astype(jnp.float32)
+    if opts.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+        scaled = logits
+    else:
+        vals, ids = filtered_logits(logits, opts)
+        choice = jax.random.categorical(key, vals, axis=-1)
+        tokens = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], -1)[:, 0]
+        scaled = logits / opts.temperature
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+    return tokens.astype(jnp.int32), logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted prefill and decode
+# ----------------------------------------------------------------------------------------------
+
+
+def _cache_sharding(mesh, shape):
+    from rlcsd_jax import sharding
+
+    spec = sharding.logical_to_spec(("layers", "batch", "length", "kv_heads", "head_dim"),
+                                    shape, mesh)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    max_new_tokens: int
+    num_samples: int
+    opts: SamplingOptions
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    mesh: object = None
+
+
+def _prefill(graphdef, params, input_ids, attention_mask, key, static: _Static):
+    """Prompts [B, P] (left padded) -> decode state for B * n rows with the first token drawn."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    b, p = input_ids.shape
+    cache = KVCache.init(cfg, b, p + static.max_new_tokens)
+    if static.mesh is not None:
+        layers = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, _cache_sharding(static.mesh, x.shape)), cache.layers)
+        cache = dataclasses.replace(cache, layers=layers)
+    h, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
+    last_logits = model.logits(h[:, -1])
+    next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
+    n = static.num_samples
+    if n > 1:  # share the prompt KV across the group instead of prefilling it n times
+        rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731
+        cache = KVCache(layers=jax.tree.map(lambda x: rep(x, 1), cache.layers),
+                        positions=rep(cache.positions), valid=rep(cache.valid), index=cache.index)
+        last_logits, next_pos = rep(last_logits), rep(next_pos)
+    tokens, logprobs = select_tokens(last_logits, jax.random.fold_in(key, 0), static.opts)
+    out_tokens = jnp.full((b * n, static.max_new_tokens), static.pad_id, jnp.int32)
+    out_logprobs = jnp.zeros((b * n, static.max_new_tokens), jnp.float32)
+    state = dict(cache=cache, tokens=out_tokens.at[:, 0].set(tokens),
+                 logprobs=out_logprobs.at[:, 0].set(logprobs), last=tokens, next_pos=next_pos,
+                 done=jnp.isin(tokens, jnp.asarray(static.eos_ids, jnp.int32)),
+                 step=jnp.ones((), jnp.int32), key=key)
+    return state
+
+
+def _decode(graphdef, params, state, static: _Static):
+    """While-loop decode: one token per step for the whole batch until all rows hit EOS."""
+    model = nnx.merge(graphdef, params)
+    eos = jnp.asarray(static.eos_ids, jnp.int32)
+
+    def cond(s):
+        return (s["step"] < static.max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        rows = s["last"].shape[0]
+        h, cache = model.hidden_states(s["last"][:, None], jnp.ones((rows, 1), jnp.int32),
+                                       s["next_pos"][:, None], cache=s["cache"])
+        tok, lp = select_tokens(model.logits(h[:, -1]), jax.random.fold_in(s["key"], s["step"]),
+                                static.opts)
+        tok = jnp.where(s["done"], static.pad_id, tok)
+        lp = jnp.where(s["done"], 0.0, lp)
+        col = s["step"]
+        return dict(
+            cache=cache,
+            tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], tok[:, None], col, 1),
+            logprobs=jax.lax.dynamic_update_slice_in_dim(s["logprobs"], lp[:, None], col, 1),
+            last=tok, next_pos=s["next_pos"] + 1, done=s["done"] | jnp.isin(tok, eos),
+            step=s["step"] + 1, key=s["key"])
+
+    state = jax.lax.while_loop(cond, body, state)
+    tokens = state["tokens"]
+    is_eos = jnp.isin(tokens, eos)
+    steps = jnp.arange(tokens.shape[1])
+    first_eos = jnp.min(jnp.where(is_eos, steps, tokens.shape[1]), axis=-1)
+    lengths = jnp.minimum(first_eos + 1, tokens.shape[1])
+    return dict(tokens=tokens, logprobs=state["logprobs"], lengths=lengths,
+                truncated=first_eos >= tokens.shape[1])
+
+
+prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "static"))
+decode_jit = jax.jit(_decode, static_argnames=("graphdef", "static"), donate_argnames=("state",))
+
+_seen_shapes: set = set()
+PREFILL_CALLS = {"count": 0, "rows": 0}
+
+
+def compile_counts() -> dict[str, int]:
+    """Number of distinct compiled prefill / decode programs so far (for recompilation checks)."""
+    return {"prefill": prefill_jit._cache_size(), "decode": decode_jit._cache_size()}
+
+
+def generate_arrays(model_or_graphdef, params, input_ids, attention_mask, key, *,
+                    max_new_tokens: int, num_samples: int = 1,
+                    options: SamplingOptions = SamplingOptions(), eos_ids: Sequence[int] = (),
+                    pad_id: int = 0, mesh=None) -> dict:
+    """Array API for the trainer: left-padded prompts [B, P] -> device arrays.
+
+    Returns dict(tokens [B*n, N] int32 (pad after EOS), logprobs [B*n, N] fp32, lengths [B*n]
+    (tokens up to and including the first EOS), truncated [B*n] bool).  No host round trip.
+    """
+    graphdef = (model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef)
+                else nnx.split(model_or_graphdef)[0])
+    static = _Static(max_new_tokens, num_samples, options, tuple(int(e) for e in eos_ids),
+                     int(pad_id), mesh)
+    shape_key = (input_ids.shape, static)
+    if shape_key not in _seen_shapes:
+        if len(_seen_shapes) >= 8:
+            logging.warning("sampler: compiling for a new shape %s after warm-up; check the "
+                            "length buckets", input_ids.shape)
+        _seen_shapes.add(shape_key)
+    PREFILL_CALLS["count"] += 1
+    PREFILL_CALLS["rows"] += int(input_ids.shape[0])
+    state = prefill_jit(graphdef, params, input_ids, attention_mask, key, static)
+    return decode_jit(graphdef, params, state, static)
+
+
+# ----------------------------------------------------------------------------------------------
+# High-level API
+# ----------------------------------------------------------------------------------------------
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise ValueError(f"prompt length {n} exceeds the largest bucket {max(buckets)}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0):
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def check_cache_memory(cfg, batch: int, cache_len: int, available_bytes: int | None,
+                       dtype=None) -> int:
+    """Bytes the KV cache needs; raises a clear error instead of an XLA OOM mid-run."""
+    need = KVCache.num_bytes(cfg, batch, cache_len, dtype)
+    if available_bytes is not None and need > available_bytes:
+        raise MemoryError(
+            f"KV cache needs {need / 2**30:.2f} GiB ({cfg.num_layers} layers x {batch} rows x "
+            f"{cache_len} slots x {cfg.num_kv_heads} kv heads x {cfg.head_dim} dims x 2 (k,v)) "
+            f"but only {available_bytes / 2**30:.2f} GiB is available; lower the batch, "
+            "max_new_tokens or the prompt bucket, or shard the batch over more devices.")
+    return need
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             eos_ids: Sequence[int] = (), seed: int = 0, num_samples: int = 1, pad_id: int = 0,
+             buckets: Sequence[int] = DEFAULT_BUCKETS, memory_limit_bytes: int | None = None,
+             mesh=None) -> GenerationOutput:
+    """Sample continuations for token-id prompts (see module docstring)."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    options = SamplingOptions(temperature, top_k, top_p)
+    width = bucket_length(max(len(p) for p in prompts), buckets)
+    check_cache_memory(model.config, len(prompts) * num_samples, width + max_new_tokens,
+                       memory_limit_bytes)
+    ids, mask = left_pad(prompts, width, pad_id)
+    graphdef, params = nnx.split(model)
+    out = generate_arrays(graphdef, params, jnp.asarray(ids), jnp.asarray(mask),
+                          jax.random.key(seed), max_new_tokens=max_new_tokens,
+                          num_samples=num_samples, options=options, eos_ids=eos_ids,
+                          pad_id=pad_id, mesh=mesh)
+    out = jax.device_get(out)
+    tokens, logprobs, truncated, index = [], [], [], []
+    for row in range(out["tokens"].shape[0]):
+        n = int(out["lengths"][row])
+        tokens.append(out["tokens"][row, :n].tolist())
+        logprobs.append(out["logprobs"][row, :n].tolist())
+        truncated.append(bool(out["truncated"][row]))
+        index.append(row // num_samples)
+    return GenerationOutput(tokens, logprobs, truncated, index)

@@ -1,0 +1,116 @@
+"""Per-token log-probs (and top-k, entropy) of response tokens under one or several contexts.
+
+Alignment rule (RLCSD_SPEC §2.5): in a row whose response starts at index `start` (the prompt's
+real length for right-padded rows, the padded prompt width for left-padded sampler rows), the
+log-prob of response token j is read from the logits at index `start - 1 + j` of that same row,
+at id `input_ids[start + j]`.  Nothing depends on the padded width or on other rows.
+
+Memory: only the T response positions go through the LM head, in chunks of `chunk` positions
+under `jax.checkpoint`, so neither the forward nor the backward holds [B, T, V] in fp32; peak
+extra memory is O(B * chunk * V).
+
+The student (with gradient, inside the loss) and every teacher (stop-gradient, teacher params)
+use this same code; `score_contexts` vmaps it over a leading context axis C.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DEFAULT_CHUNK = 256
+
+
+def gather_response(h: jax.Array, input_ids: jax.Array, response_start: jax.Array, length: int):
+    """h [B, S, d], ids [B, S], start [B] -> (predictor hidden [B, T, d], target ids [B, T])."""
+    s = input_ids.shape[1]
+    j = jnp.arange(length)[None, :]
+    pred = jnp.clip(response_start[:, None] - 1 + j, 0, s - 1)
+    tgt = jnp.clip(response_start[:, None] + j, 0, s - 1)
+    h_resp = jnp.take_along_axis(h, pred[:, :, None], axis=1)
+    return h_resp, jnp.take_along_axis(input_ids, tgt, axis=1)
+
+
+def _chunk_stats(logits_fn, h, targets, at_ids, top_k: int, entropy: bool, temperature: float):
+    """One chunk: h [B, c, d] -> dict of [B, c] / [B, c, k] fp32 statistics."""
+    logits = logits_fn(h) / temperature                      # [B, c, V] fp32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    out = {"logp": jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse}
+    if top_k:
+        vals, ids = jax.lax.top_k(logits, top_k)
+        out["topk_ids"] = ids.astype(jnp.int32)
+        out["topk_logp"] = vals - lse[..., None]
+    if at_ids is not None:
+        out["at_ids_logp"] = jnp.take_along_axis(logits, at_ids, -1) - lse[..., None]
+    if entropy:
+        p = jax.nn.softmax(logits, axis=-1)
+        out["entropy"] = lse - jnp.sum(p * logits, axis=-1)
+    return out
+
+
+def response_stats(model, input_ids, attention_mask, response_start, length: int, *,
+                   temperature: float = 1.0, top_k: int = 0, at_ids=None, entropy: bool = False,
+                   chunk: int = DEFAULT_CHUNK) -> dict:
+    """Statistics of the `length` response tokens of every row.
+
+    input_ids, attention_mask [B, S]; response_start [B].  Returns fp32 arrays:
+      logp [B, T]                  log-prob of the response token (full-vocab log-softmax)
+      topk_ids, topk_logp [B,T,k]  this context's own top-k (when top_k > 0)
+      at_ids_logp [B, T, k]        log-probs at given ids `at_ids` [B, T, k]
+      entropy [B, T]               full-vocabulary entropy (when entropy=True)
+    Positions past a row's response length hold garbage; callers mask them.
+    """
+    h, _ = model.hidden_states(input_ids, attention_mask)
+    h_resp, targets = gather_response(h, input_ids, response_start, length)
+    c = min(chunk, length)
+    n_chunks = -(-length // c)
+    pad = n_chunks * c - length
+    if pad:
+        h_resp = jnp.pad(h_resp, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        at_ids = None if at_ids is None else jnp.pad(at_ids, ((0, 0), (0, pad), (0, 0)))
+
+    def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, c, *x.shape[2:]), 1, 0)
+
+    stats = jax.checkpoint(functools.partial(
+        _chunk_stats, model.logits, top_k=top_k, entropy=entropy, temperature=temperature))
+    xs = (split(h_resp), split(targets), None if at_ids is None else split(at_ids))
+    out = jax.lax.map(lambda x: stats(*x), xs)
+
+    def merge(x):  # [n, B, c, ...] -> [B, T, ...]
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], n_chunks * c, *x.shape[3:])[:, :length]
+
+    return jax.tree.map(merge, out)
+
+
+def score_contexts(model, input_ids, attention_mask, response_start, length: int, **kw) -> dict:
+    """The same statistics for C contexts at once: inputs [C, B, S] / [C, B] -> [C, B, T, …].
+
+    `at_ids` (if given) is shared by all contexts: [B, T, k].
+    """
+    at_ids = kw.pop("at_ids", None)
+
+    def one(ids, mask, start):
+        return response_stats(model, ids, mask, start, length, at_ids=at_ids, **kw)
+
+    return jax.vmap(one)(input_ids, attention_mask, response_start)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length", "top_k", "entropy",
+                                             "temperature", "chunk"))
+def score(graphdef, params, input_ids, attention_mask, response_start, at_ids=None, *,
+          length: int, top_k: int = 0, entropy: bool = False, temperature: float = 1.0,
+          chunk: int = DEFAULT_CHUNK) -> dict:
+    """Jitted, stop-gradient multi-context scoring with `params` (e.g. teacher params).
+
+    input_ids / attention_mask [C, B, S], response_start [C, B] -> dict of [C, B, T, …].
+    """
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    return score_contexts(model, input_ids, attention_mask, response_start, length,
+                          top_k=top_k, at_ids=at_ids, entropy=entropy, temperature=temperature,
+                          chunk=chunk)

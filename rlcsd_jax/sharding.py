@@ -50,6 +50,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
         if len(devices) % known:
             raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // known
+    if -1 not in shape and math.prod(shape) < len(devices):
+        # An explicit smaller mesh (e.g. the tiny demo on one device) uses the first devices.
+        devices = devices[:math.prod(shape)]
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh shape data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs "
                          f"{math.prod(shape)} devices, {len(devices)} available")

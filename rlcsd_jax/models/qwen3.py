@@ -43,10 +43,10 @@ HF_LAYER_NAMES = {
 }
 
 
-def _preset(vocab, d, f, n_layers, h, kv, tied) -> ModelConfig:
+def _preset(vocab, d, f, n_layers, h, kv, tied, head_dim=128) -> ModelConfig:
     return ModelConfig(
         model_type="qwen3", vocab_size=vocab, hidden_size=d, intermediate_size=f,
-        num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=128, rms_norm_eps=1e-6,
+        num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, layer_types=(FULL,) * n_layers,
         rope_full=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960,
         hf_extra=json.dumps({"bos_token_id": 151643, "eos_token_id": 151645,
@@ -59,4 +59,7 @@ PRESETS = {
     "qwen3-1.7b": _preset(151936, 2048, 6144, 28, 16, 8, True),
     "qwen3-4b": _preset(151936, 2560, 9728, 36, 32, 8, True),
     "qwen3-8b": _preset(151936, 4096, 12288, 36, 32, 8, False),
+    # The embedded CPU demo (configs/tiny.py): Qwen3 architecture, a few hundred K parameters;
+    # the vocabulary is replaced by the tiny tokenizer's size at build time.
+    "qwen3-tiny": _preset(512, 128, 384, 4, 4, 2, True, head_dim=32),
 }

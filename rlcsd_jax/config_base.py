@@ -1,0 +1,74 @@
+"""Shared defaults for every training config (RLCSD_SPEC §0, §1, §3, §4.0, §5).
+
+A config file in `configs/` calls `get_base_config()`, sets the model / data / mesh fields that
+differ, and returns the locked ConfigDict.  Method-specific loss hyper-parameters live under the
+method's name (`config.rlcsd.tau`), filled from the loss functions' own defaults (the shipped
+config values of §4.0), so `--config.rlcsd.tau=0.03` works on the command line and a typo fails.
+Empty strings / negative numbers mean "the method's default" where noted.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rlcsd_jax import losses
+
+METHODS = tuple(losses.names())
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "rlcsd"                     # one of METHODS
+
+    # Model: `checkpoint` = an HF folder or a converted folder; empty = random init of `preset`.
+    c.model = ml_collections.ConfigDict(dict(
+        checkpoint="", preset="", dtype="bfloat16", param_dtype="float32",
+        remat_policy="full", scan_layers=True, attention_impl="xla"))
+    c.tokenizer = ""                        # folder; empty = model.checkpoint
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = False                   # jax.distributed.initialize() (TPU pods)
+
+    # Data: `train` / `eval` are comma-separated parquet / jsonl paths or generated K&K names
+    # (e.g. "kk_4to8").  task selects the reward routing defaults and the eval sampling count.
+    c.data = ml_collections.ConfigDict(dict(
+        task="math", train="", eval="", shuffle=False, max_prompt_len=2048,
+        num_generated_train=0, num_generated_eval=0, generator_seed=0, enable_thinking=True))
+
+    # Rollouts (§1.3): G samples per prompt, 64 prompts per training step.
+    c.rollout = ml_collections.ConfigDict(dict(
+        group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
+        top_k=20, memory_limit_gb=0.0))
+
+    # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=500, minibatch_prompts=16, lr=1e-6, warmup_steps=50, weight_decay=0.01,
+        b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip=-1.0,                     # <0: method default (1.0; 0.1 for opsd*)
+        loss_aggregation="",                # "": per_rollout for all methods but grpo (batch)
+        score_chunk=256, distill_top_k=100,
+        teacher_max_len=40960,              # token budget of a teacher sequence (§2.4)
+        rollout_is=False, rollout_is_mode="token", rollout_is_threshold=2.0,  # §10.1, off
+        inject_nonfinite_grad_at=-1))       # test hook: optimizer step with a NaN gradient
+
+    # Teacher (§3): "" = the method's default mode.
+    c.teacher = ml_collections.ConfigDict(dict(
+        mode="", ema_decay=0.95, sync_interval=10,
+        correct_privileged_hint_source="self_rollout", k_max=4))
+
+    for name in METHODS:
+        c[name] = ml_collections.ConfigDict(dict(losses.DEFAULTS[name]))
+
+    # Evaluation (§5): mean@12 at T=0.6 for math, pass@1 (1 sample) for K&K.
+    c.eval = ml_collections.ConfigDict(dict(
+        every=50, before_train=True, at_end=True, temperature=0.6, top_p=0.95, top_k=20,
+        num_samples=-1,                     # <0: 12 for math, 1 for logic
+        max_new_tokens=38912, batch_prompts=64, max_examples=0))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
+    c.log = ml_collections.ConfigDict(dict(every=1, progress=True))
+
+    # Supervised warm start on dataset solutions before RL (used by the tiny demo).
+    c.warm_start = ml_collections.ConfigDict(dict(
+        steps=0, lr=1e-3, batch_size=32, warmup_steps=10, num_examples=0))
+    return c

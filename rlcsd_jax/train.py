@@ -1,0 +1,43 @@
+"""Train with RLCSD or a baseline.
+
+    python -m rlcsd_jax.train --config=configs/qwen3_1p7b.py --workdir=gs://bucket/run \
+        [--config.method=grpo --config.rlcsd.tau=0.03 ...]
+
+The workdir holds checkpoints (resumed automatically), metrics (TensorBoard, metrics.jsonl) and
+summary.json.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
+called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or gs://).")
+
+
+def main(argv) -> int:
+    del argv
+    cfg = _CONFIG.value
+    if cfg is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    logging.getLogger().setLevel(logging.INFO)
+    if cfg.distributed or os.environ.get("RLCSD_DISTRIBUTED") == "1":
+        import jax
+
+        jax.distributed.initialize()
+    from rlcsd_jax.trainer import run as run_lib
+
+    summary = run_lib.run(cfg, _WORKDIR.value)
+    print(run_lib.format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,1 @@
+"""The RL training loop: rollouts, hints, multi-context scoring, updates, evaluation."""

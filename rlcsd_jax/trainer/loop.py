@@ -1,0 +1,197 @@
+"""`Trainer`: one RL training step (RLCSD_SPEC §1.6–1.7) and the run around it.
+
+    rollouts (sampler, G per prompt) -> rewards -> GRPO advantages (unfiltered groups)
+    -> hints + drops / GT teacher -> old (and ref) log-probs -> for each mini-batch:
+       teacher scoring with the teacher weights of that moment -> loss -> AdamW step
+       -> teacher EMA / snapshot update
+A step whose rollouts are all dropped makes no update and does not advance the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlcsd_jax import sampling
+from rlcsd_jax.data.iterator import BatchIterator
+from rlcsd_jax.trainer import batches as batches_lib
+from rlcsd_jax.trainer import evaluation, rollout, setup, state as state_lib
+from rlcsd_jax.trainer import update as update_lib
+from rlcsd_jax.trainer import warm_start
+
+
+class Trainer:
+    def __init__(self, cfg, workdir: str):
+        setup.check_config(cfg)
+        self.cfg, self.workdir = cfg, workdir
+        self.mesh = setup.make_mesh(cfg)
+        self.tok_dir = setup.tokenizer_dir(cfg, workdir)
+        self.tokenizer = setup.load_tokenizer(self.tok_dir)
+        self.pad_id = setup.pad_id(self.tokenizer)
+        self.eos_ids = setup.stop_ids(cfg, self.tokenizer, self.tok_dir)
+        self.encoder = rollout.PromptEncoder(self.tokenizer, cfg.data.enable_thinking)
+        model = setup.build_model(cfg, self.tokenizer, self.mesh)
+        self.model_config = model.config
+        self.graphdef, params = setup.split_model(model)
+        self.train_records, self.eval_records = setup.load_data(cfg, self.tokenizer)
+        self.iterator = BatchIterator(self.train_records, cfg.rollout.prompts_per_step,
+                                      seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.spec = setup.step_spec(cfg, cfg.rollout.max_new_tokens)
+        self.minibatch_rows = cfg.train.minibatch_prompts * cfg.rollout.group_size
+        setup.check_mesh_batch(self.mesh, self.minibatch_rows, "a mini-batch")
+        self.need_ref = dict(self.spec.hparams).get("kl_coef", 0.0) > 0
+        self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
+                                          self.need_ref)
+        self.step = 0                 # training steps attempted (data / RNG position)
+        self.batch_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+    # ------------------------------------------------------------------------------------------
+    def _put(self, tree, leading_axis: int = 0):
+        """Place host arrays with their batch axis over ('data', 'fsdp')."""
+        def put(x):
+            spec = [None] * np.ndim(x)
+            if np.ndim(x) > leading_axis:
+                spec[leading_axis] = ("data", "fsdp")
+            return jax.device_put(x, jax.sharding.NamedSharding(
+                self.mesh, jax.sharding.PartitionSpec(*spec)))
+        return jax.tree.map(put, tree)
+
+    def sampling_params(self):
+        """Compute-dtype copy of the weights for decoding (halves the bytes read per token)."""
+        dtype = jnp.dtype(self.cfg.model.dtype)
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                            else x, self.state.params)
+
+    def generate_fn(self, options: sampling.SamplingOptions, max_new_tokens: int):
+        params = self.sampling_params()
+
+        def fn(ids, mask, key, num_samples):
+            ids, mask = self._put((ids, mask))
+            return sampling.generate_arrays(
+                self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
+                num_samples=num_samples, options=options, eos_ids=self.eos_ids,
+                pad_id=self.pad_id, mesh=self.mesh)
+        return fn
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, records) -> dict:
+        cfg, spec = self.cfg, self.spec
+        t0 = time.perf_counter()
+        options = sampling.SamplingOptions(cfg.rollout.temperature, cfg.rollout.top_k,
+                                           cfg.rollout.top_p)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), self.step)
+        ro = rollout.sample(self.generate_fn(options, cfg.rollout.max_new_tokens),
+                            self.tokenizer, self.encoder, records, key,
+                            group_size=cfg.rollout.group_size, buckets=sampling.DEFAULT_BUCKETS,
+                            pad_id=self.pad_id)
+        t_sample = time.perf_counter()
+        ctx = batches_lib.build_contexts(cfg.method, ro, self.encoder,
+                                         setup.seed_rng(cfg.seed, self.step),
+                                         hint_source=cfg.teacher.correct_privileged_hint_source,
+                                         k_max=cfg.teacher.k_max)
+        metrics = evaluation.rollout_metrics(ro, len(ctx.kept))
+        metrics.update(ctx.stats)
+        loss_metrics, times = [], {"score": 0.0, "update": 0.0}
+        if len(ctx.kept):
+            loss_metrics = self._update(ro, ctx, times)
+            self.state = dataclasses.replace(self.state, train_step=self.state.train_step + 1)
+        else:
+            logging.info("step %d: every rollout was dropped; no update", self.step)
+        metrics.update(evaluation.mean_metrics(loss_metrics))
+        tokens = int(ro.lengths.sum())
+        total = time.perf_counter() - t0
+        metrics.update({"time/sample": t_sample - t0, "time/score": times["score"],
+                        "time/update": times["update"], "time/step": total,
+                        "perf/tokens_per_s": tokens / max(total, 1e-9),
+                        "train/num_updates": float(len(loss_metrics)),
+                        "train/skipped_steps": float(jax.device_get(self.state.skipped))})
+        self.step += 1
+        return metrics
+
+    def _update(self, ro, ctx, times) -> list[dict]:
+        cfg, spec, m = self.cfg, self.spec, self.minibatch_rows
+        ids_full, mask_full = batches_lib.full_student_rows(ro)
+        chunks = batches_lib.minibatch_rows(ctx.kept, m)
+        lr = state_lib.learning_rate(int(jax.device_get(self.state.train_step)), cfg.train.lr,
+                                     cfg.train.warmup_steps)
+        t = time.perf_counter()
+        students = []
+        for rows in chunks:   # old / ref log-probs at the weights that sampled (§1.6)
+            sb = self._put(batches_lib.student_batch(ro, rows, m, ids_full, mask_full))
+            sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref,
+                                              sb, spec=spec, with_ref=self.need_ref))
+            students.append(sb)
+        jax.block_until_ready(students)
+        times["score"] += time.perf_counter() - t
+        k_slots = batches_lib.num_wrong_slots(cfg.method, cfg.teacher.k_max)
+        out, pos = [], 0
+        for rows, sb in zip(chunks, students):
+            t1 = time.perf_counter()
+            teacher = {}
+            if spec.teacher_mode is not None:
+                tb = batches_lib.teacher_arrays(
+                    ro, ctx, np.arange(pos, pos + len(rows)), rows, m, k_slots=k_slots,
+                    max_len=cfg.train.teacher_max_len, pad_id=self.pad_id)
+                truncated = tb.pop("truncated_prompt_tokens")
+                wrong_valid = self._put(tb.pop("wrong_valid"))
+                tb = dict(self._put(tb, leading_axis=1), wrong_valid=wrong_valid)
+                tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
+                ids = (update_lib.student_topk_ids(self.graphdef, self.state.params, sb, spec=spec)
+                       if cfg.method in ("sdpo", "srpo") else None)
+                teacher = update_lib.teacher_outputs(self.graphdef, tparams, tb, ids, spec)
+                jax.block_until_ready(teacher)
+            t2 = time.perf_counter()
+            nan = int(jax.device_get(self.state.opt_step)) == cfg.train.inject_nonfinite_grad_at
+            self.state, mets = update_lib.update(self.graphdef, self.state, sb, teacher, lr,
+                                                 jnp.asarray(nan), spec=spec)
+            mets = jax.device_get(mets)
+            mets["entropy"] = _masked_mean(sb["entropy"], sb["response_mask"])
+            if spec.teacher_mode is not None:
+                mets["teacher_prompt_truncated_tokens"] = float(np.sum(truncated))
+            out.append(mets)
+            times["score"] += t2 - t1
+            times["update"] += time.perf_counter() - t2
+            pos += len(rows)
+        return out
+
+    def warm_start(self) -> None:
+        """Supervised warm start; its weights become the RL start (teacher and KL ref too)."""
+        cfg = self.cfg
+        records = self.train_records
+        if cfg.warm_start.num_examples > 0:
+            records = records[:cfg.warm_start.num_examples]
+        examples = warm_start.encode_examples(records, self.encoder, self.tokenizer,
+                                              self.eos_ids[0])
+        params = warm_start.warm_start(
+            self.graphdef, self.state.params, examples, steps=cfg.warm_start.steps,
+            batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
+            warmup_steps=cfg.warm_start.warmup_steps, seed=cfg.seed, pad_id=self.pad_id,
+            put=self._put)
+        self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
+                                          self.need_ref)
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        if not self.eval_records:
+            return {}
+        options = sampling.SamplingOptions(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
+        records = self.eval_records
+        if cfg.eval.max_examples > 0:
+            records = records[:cfg.eval.max_examples]
+        fn = self.generate_fn(options, cfg.eval.max_new_tokens)
+        return evaluation.evaluate(fn, self.tokenizer, self.encoder, records,
+                                   batch_prompts=cfg.eval.batch_prompts,
+                                   num_samples=setup.eval_samples(cfg), seed=cfg.seed + 7919,
+                                   pad_id=self.pad_id)
+
+
+def _masked_mean(x, mask) -> float:
+    x, mask = np.asarray(jax.device_get(x)), np.asarray(jax.device_get(mask))
+    return float((x * mask).sum() / max(mask.sum(), 1))

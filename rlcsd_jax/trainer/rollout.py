@@ -1,0 +1,113 @@
+"""Rollouts: student prompts -> G samples each -> decoded text -> rewards -> GRPO advantages.
+
+Device work is one `sampling.generate_arrays` call; the host then decodes the responses (special
+tokens skipped, thinking kept, RLCSD_SPEC §2.3) and grades them (§6).  Advantages are computed on
+the full, unfiltered groups (§1.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rlcsd_jax import losses, rewards, sampling
+from rlcsd_jax.data import prompts as prompts_lib
+from rlcsd_jax.data.records import Record
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """P prompts x G samples = R rows, prompt-major (row r continues prompt r // G)."""
+
+    records: list[Record]
+    prompt_ids: np.ndarray      # [P, Pb] left-padded
+    prompt_mask: np.ndarray     # [P, Pb]
+    tokens: np.ndarray          # [R, N] (pad after EOS)
+    logprobs: np.ndarray        # [R, N] sampler log-probs (full vocab, / T)
+    lengths: np.ndarray         # [R] tokens up to and including EOS
+    truncated: np.ndarray       # [R] bool
+    texts: list[str]            # decoded responses
+    rewards: np.ndarray         # [R] float
+    group: np.ndarray           # [R] prompt index
+    advantages: np.ndarray      # [R]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.texts) // len(self.records)
+
+    def response_mask(self) -> np.ndarray:
+        n = self.tokens.shape[1]
+        return (np.arange(n)[None, :] < self.lengths[:, None]).astype(np.int32)
+
+    def response_ids(self, row: int) -> list[int]:
+        return self.tokens[row, :self.lengths[row]].tolist()
+
+
+class PromptEncoder:
+    """Student prompt ids per record (cached: the same dataset rows come back every epoch)."""
+
+    def __init__(self, tokenizer, enable_thinking: bool = True):
+        self.tokenizer = tokenizer
+        self.enable_thinking = enable_thinking
+        self._cache: dict = {}
+
+    def __call__(self, record: Record) -> list[int]:
+        key = (record.data_source, record.index, record.problem)
+        if key not in self._cache:
+            text = prompts_lib.student_prompt(self.tokenizer, record,
+                                              enable_thinking=self.enable_thinking)
+            self._cache[key] = prompts_lib.encode_prompt(self.tokenizer, text)
+        return self._cache[key]
+
+    def text_ids(self, text: str) -> list[int]:
+        """Teacher prompt ids for a teacher user message (rendered with the chat template)."""
+        key = ("teacher", text)
+        if key not in self._cache:
+            rendered = prompts_lib.render_chat(self.tokenizer, text, self.enable_thinking)
+            self._cache[key] = prompts_lib.encode_prompt(self.tokenizer, rendered)
+            if len(self._cache) > 200_000:  # teacher texts are mostly unique: bound the cache
+                self._cache.clear()
+        return self._cache[key]
+
+
+def pad_prompts(encoder: PromptEncoder, records: Sequence[Record], buckets, pad_id: int):
+    ids = [encoder(r) for r in records]
+    width = sampling.bucket_length(max(len(x) for x in ids), buckets)
+    return sampling.left_pad(ids, width, pad_id)
+
+
+def decode(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens, lengths)],
+                                  skip_special_tokens=True)
+
+
+def grade(records: Sequence[Record], texts: Sequence[str], group_size: int) -> np.ndarray:
+    sources = [r.data_source for r in records for _ in range(group_size)]
+    truths = [r.ground_truth for r in records for _ in range(group_size)]
+    scores = rewards.compute_scores(sources, texts, truths)
+    return np.asarray([s["score"] for s in scores], np.float32)
+
+
+def sample(generate_fn, tokenizer, encoder: PromptEncoder, records: Sequence[Record], key, *,
+           group_size: int, buckets, pad_id: int) -> Rollouts:
+    """generate_fn(ids, mask, key, num_samples) -> dict of device arrays (sampling API)."""
+    ids, mask = pad_prompts(encoder, records, buckets, pad_id)
+    out = jax.device_get(generate_fn(ids, mask, key, group_size))
+    texts = decode(tokenizer, out["tokens"], out["lengths"])
+    reward = grade(records, texts, group_size)
+    group = np.repeat(np.arange(len(records)), group_size)
+    adv = losses.grpo_advantages_np(reward, group).astype(np.float32)
+    return Rollouts(records=list(records), prompt_ids=ids, prompt_mask=mask,
+                    tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logprobs"]),
+                    lengths=np.asarray(out["lengths"]), truncated=np.asarray(out["truncated"]),
+                    texts=texts, rewards=reward, group=group, advantages=adv)
+
+
+def per_source_accuracy(records: Sequence[Record], rewards_: np.ndarray,
+                        group_size: int) -> dict[str, float]:
+    """Mean reward per data source (= mean@k with k = group_size samples per problem)."""
+    sources = np.asarray([r.data_source for r in records for _ in range(group_size)])
+    return {s: float(rewards_[sources == s].mean()) for s in sorted(set(sources.tolist()))}

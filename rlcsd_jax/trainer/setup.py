@@ -1,0 +1,152 @@
+"""Building what a run needs from its config: mesh, tokenizer, model, data, step spec.
+
+Config semantics are resolved here, once: method defaults (teacher mode, grad clip,
+aggregation; RLCSD_SPEC §3, §4.0, §4.9), the tiny random model, K&K generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlcsd_jax import losses, models, sharding
+from rlcsd_jax.data import prompts as prompts_lib
+from rlcsd_jax.data import readers
+from rlcsd_jax.data.records import Record
+from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from rlcsd_jax.trainer.update import StepSpec
+
+ALLOWED_AGGREGATIONS = ("per_rollout", "batch")
+
+
+def check_config(cfg) -> None:
+    methods = losses.names()
+    if cfg.method not in methods:
+        raise ValueError(f"config.method={cfg.method!r}; allowed: {', '.join(methods)}")
+    if cfg.train.loss_aggregation not in ("",) + ALLOWED_AGGREGATIONS:
+        raise ValueError(f"config.train.loss_aggregation={cfg.train.loss_aggregation!r}; "
+                         f"allowed: '' (method default), {', '.join(ALLOWED_AGGREGATIONS)}")
+    if cfg.teacher.mode not in ("", "fixed", "ema", "snapshot"):
+        raise ValueError(f"config.teacher.mode={cfg.teacher.mode!r}; allowed: '' (method "
+                         "default), fixed, ema, snapshot")
+    if cfg.rollout.prompts_per_step % cfg.train.minibatch_prompts:
+        raise ValueError(f"config.rollout.prompts_per_step={cfg.rollout.prompts_per_step} must "
+                         f"be a multiple of config.train.minibatch_prompts="
+                         f"{cfg.train.minibatch_prompts}")
+
+
+def teacher_mode(cfg) -> str | None:
+    default = losses.METHODS[cfg.method].teacher_mode
+    if default is None:
+        return None
+    return cfg.teacher.mode or default
+
+
+def aggregation(cfg) -> str:
+    return cfg.train.loss_aggregation or losses.METHODS[cfg.method].aggregation
+
+
+def step_spec(cfg, response_len: int) -> StepSpec:
+    hp = dict(cfg[cfg.method])
+    grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else losses.METHODS[
+        cfg.method].grad_clip
+    return StepSpec(
+        method=cfg.method, hparams=tuple(sorted(hp.items())), aggregation=aggregation(cfg),
+        response_len=response_len, chunk=cfg.train.score_chunk, top_k=cfg.train.distill_top_k,
+        teacher_mode=teacher_mode(cfg), ema_decay=cfg.teacher.ema_decay,
+        sync_interval=cfg.teacher.sync_interval, grad_clip=grad_clip,
+        adam=(cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.train.weight_decay),
+        rollout_is=((cfg.train.rollout_is_mode, cfg.train.rollout_is_threshold)
+                    if cfg.train.rollout_is else None))
+
+
+def make_mesh(cfg):
+    return sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+
+
+def tokenizer_dir(cfg, workdir: str) -> str:
+    """The tokenizer folder; a random-init model without one gets the tiny tokenizer."""
+    path = cfg.tokenizer or cfg.model.checkpoint
+    if path:
+        return path
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        if jax.process_index() == 0:
+            build_tiny_tokenizer(path)
+    return path
+
+
+def build_model(cfg, tokenizer, mesh):
+    """Load the checkpoint (HF or converted folder) or randomly initialise the preset."""
+    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+              remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
+              attention_impl=cfg.model.attention_impl)
+    if cfg.model.checkpoint:
+        return models.load(cfg.model.checkpoint, mesh=mesh, **kw)
+    if not cfg.model.preset:
+        raise ValueError("set config.model.checkpoint (an HF or converted folder) or "
+                         "config.model.preset for a randomly initialised model")
+    mcfg = models.get_preset(cfg.model.preset, vocab_size=len(tokenizer), **kw)
+    logging.info("random init of %s with vocab %d (%d params)", cfg.model.preset,
+                 mcfg.vocab_size, models.num_params(mcfg))
+    return sharding.shard_model(models.build(mcfg, seed=cfg.seed), mesh)
+
+
+def read_split(spec: str, cfg, num_generated: int, seed_offset: int) -> list[Record]:
+    """Comma-separated parquet / jsonl paths or generated K&K names."""
+    records: list[Record] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        records += readers.read_records(part, num_examples=num_generated or None,
+                                        seed=cfg.data.generator_seed + seed_offset)
+    return records
+
+
+def load_data(cfg, tokenizer):
+    """(train records, eval records) after dropping prompts longer than max_prompt_len."""
+    if not cfg.data.train:
+        raise ValueError("config.data.train is empty: give parquet / jsonl paths or a K&K name")
+    train = read_split(cfg.data.train, cfg, cfg.data.num_generated_train, 0)
+    evals = read_split(cfg.data.eval, cfg, cfg.data.num_generated_eval, 1) if cfg.data.eval else []
+    out = []
+    for name, recs in (("train", train), ("eval", evals)):
+        kept, dropped = prompts_lib.filter_long_prompts(
+            recs, tokenizer, cfg.data.max_prompt_len, enable_thinking=cfg.data.enable_thinking)
+        if dropped:
+            logging.warning("%s: dropped %d of %d prompts longer than %d tokens", name, dropped,
+                            len(recs), cfg.data.max_prompt_len)
+        out.append(kept)
+    return out[0], out[1]
+
+
+def stop_ids(cfg, tokenizer, tok_dir: str) -> list[int]:
+    return prompts_lib.stop_token_ids(tok_dir if os.path.isdir(tok_dir) else tokenizer)
+
+
+def pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def split_model(model):
+    graphdef, params = nnx.split(model)
+    return graphdef, params
+
+
+def eval_samples(cfg) -> int:
+    if cfg.eval.num_samples > 0:
+        return cfg.eval.num_samples
+    return 12 if cfg.data.task == "math" else 1
+
+
+def check_mesh_batch(mesh, rows: int, what: str) -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % n:
+        raise ValueError(f"{what} has {rows} rows, not divisible by data x fsdp = {n}")
+
+
+def seed_rng(seed: int, step: int) -> np.random.Generator:
+    """Host randomness (hint choice) for one training step: same seed + step, same draws."""
+    return np.random.default_rng([seed, step])

@@ -38,7 +38,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Rollouts (§1.3): G samples per prompt, 64 prompts per training step.
     c.rollout = ml_collections.ConfigDict(dict(
         group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
-        top_k=20, memory_limit_gb=0.0))
+        top_k=20, memory_limit_gb=0.0,
+        prompt_buckets=()))                # prompt length buckets; () = powers of two
 
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
     c.train = ml_collections.ConfigDict(dict(
@@ -48,8 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         loss_aggregation="",                # "": per_rollout for all methods but grpo (batch)
         score_chunk=256, distill_top_k=100,
         teacher_max_len=40960,              # token budget of a teacher sequence (§2.4)
+        teacher_buckets=(),                 # teacher sequence buckets; () = powers of two
         rollout_is=False, rollout_is_mode="token", rollout_is_threshold=2.0,  # §10.1, off
-        inject_nonfinite_grad_at=-1))       # test hook: optimizer step with a NaN gradient
+        inject_nonfinite_grad_at=-1))       # test hook: 1-based optimizer step given a NaN gradient
 
     # Teacher (§3): "" = the method's default mode.
     c.teacher = ml_collections.ConfigDict(dict(
@@ -70,5 +72,36 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Supervised warm start on dataset solutions before RL (used by the tiny demo).
     c.warm_start = ml_collections.ConfigDict(dict(
-        steps=0, lr=1e-3, batch_size=32, warmup_steps=10, num_examples=0))
+        steps=0, lr=1e-3, batch_size=32, warmup_steps=10, num_examples=0,
+        target="solution"))                 # "solution" (CoT + answer) or "answer" only
+    return c
+
+
+# Reference data layout (`scripts/download_data.py` of the reference places each file at
+# data/verl/<name>/{train,val}.parquet, RLCSD_SPEC §7).
+MATH_EVAL = "data/verl/amc23+aime24+aime25/val.parquet"
+LOGIC_TRAIN = "data/verl/kk_4to8/train.parquet"
+LOGIC_EVAL = "data/verl/kk_4to8_test+kk_9+kk_10+kk_11/val.parquet"
+
+
+def reference_config(*, task: str, preset: str, checkpoint: str,
+                     math_train: str) -> ml_collections.ConfigDict:
+    """A full-size run as the reference ships it: G=8, 64 prompts/step, 16-prompt mini-batches,
+    lr 1e-6 with 50 warmup steps, prompts <= 2048, responses <= 16384 (eval 38912), T=1.0,
+    top-p 0.95, top-k 20, eval T=0.6, rlcsd tau 0.02 / beta 1 / lam 0.5 / delta 0.02 / eta 1 /
+    clip +-2 / k_max 4, self-rollout hints, snapshot teacher every 10 optimizer steps."""
+    if task not in ("math", "logic"):
+        raise ValueError(f"task must be 'math' or 'logic', got {task!r}")
+    c = get_base_config()
+    c.model.preset = preset                 # architecture check when the checkpoint is absent
+    c.model.checkpoint = checkpoint
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "full"           # gradient checkpointing on (§5)
+    # FSDP over every chip of a v4 / v5 pod slice; add tensor parallelism for >= 8B if the
+    # per-chip batch gets too small (see benchmarks/README.md).
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.data.task = task
+    c.data.train = math_train if task == "math" else LOGIC_TRAIN
+    c.data.eval = MATH_EVAL if task == "math" else LOGIC_EVAL
     return c

@@ -35,8 +35,13 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> CausalLM:
-    """A randomly initialised model (tiny demos, tests, benchmarks)."""
-    return CausalLM(cfg, rngs=nnx.Rngs(seed))
+    """A randomly initialised model (tiny demos, tests, benchmarks).
+
+    The initialisation runs as one compiled program instead of one dispatch per parameter.
+    """
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    state = jax.jit(lambda: nnx.split(CausalLM(cfg, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: ModelConfig) -> CausalLM:

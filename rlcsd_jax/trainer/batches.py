@@ -92,15 +92,16 @@ def full_student_rows(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def teacher_arrays(rollouts: Rollouts, contexts: Contexts, chunk_positions: np.ndarray,
-                   rows: np.ndarray, size: int, *, k_slots: int, max_len: int, pad_id: int
-                   ) -> dict:
+                   rows: np.ndarray, size: int, *, k_slots: int, max_len: int, pad_id: int,
+                   buckets=None) -> dict:
     """[C, size, S] teacher rows for the kept rows `rows` (positions `chunk_positions` in
     contexts.kept order): right-padded [teacher prompt | student response verbatim]."""
     correct = [contexts.correct_prompts[p] for p in chunk_positions]
     wrong = [contexts.wrong_prompts[p] for p in chunk_positions]
     responses = [rollouts.response_ids(r) for r in rows]
     tb = teacher_batch.pack_teacher_batch(correct, wrong, responses, k_max=k_slots,
-                                          max_len=max_len, pad_id=pad_id, batch_size=size)
+                                          max_len=max_len, pad_id=pad_id, batch_size=size,
+                                          buckets=buckets)
     return dict(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
                 response_start=tb.prompt_lens, wrong_valid=tb.wrong_valid,
                 truncated_prompt_tokens=tb.prompt_tokens_truncated)

@@ -46,7 +46,7 @@ def mean_at_k(records, rewards_: np.ndarray, num_samples: int) -> dict[str, floa
 
 
 def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, num_samples: int,
-             seed: int, pad_id: int) -> dict:
+             seed: int, pad_id: int, buckets=sampling.DEFAULT_BUCKETS) -> dict:
     """Sample `num_samples` answers per eval problem and score them: `eval/<source>`,
     `eval/avg`, `eval/response_length_mean`."""
     all_rewards, lengths = [], []
@@ -57,7 +57,7 @@ def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, nu
             chunk) else chunk
         ro = rollout.sample(generate_fn, tokenizer, encoder, padded,
                             jax.random.key(seed + start), group_size=num_samples,
-                            buckets=sampling.DEFAULT_BUCKETS, pad_id=pad_id)
+                            buckets=buckets, pad_id=pad_id)
         n = len(chunk) * num_samples
         all_rewards.append(ro.rewards[:n])
         lengths.append(ro.lengths[:n])

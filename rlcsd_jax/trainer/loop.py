@@ -48,6 +48,8 @@ class Trainer:
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
         self.step = 0                 # training steps attempted (data / RNG position)
+        self.prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
+        self.teacher_buckets = tuple(cfg.train.teacher_buckets) or None
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
@@ -88,7 +90,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(cfg.seed), self.step)
         ro = rollout.sample(self.generate_fn(options, cfg.rollout.max_new_tokens),
                             self.tokenizer, self.encoder, records, key,
-                            group_size=cfg.rollout.group_size, buckets=sampling.DEFAULT_BUCKETS,
+                            group_size=cfg.rollout.group_size, buckets=self.prompt_buckets,
                             pad_id=self.pad_id)
         t_sample = time.perf_counter()
         ctx = batches_lib.build_contexts(cfg.method, ro, self.encoder,
@@ -137,7 +139,8 @@ class Trainer:
             if spec.teacher_mode is not None:
                 tb = batches_lib.teacher_arrays(
                     ro, ctx, np.arange(pos, pos + len(rows)), rows, m, k_slots=k_slots,
-                    max_len=cfg.train.teacher_max_len, pad_id=self.pad_id)
+                    max_len=cfg.train.teacher_max_len, pad_id=self.pad_id,
+                    buckets=self.teacher_buckets)
                 truncated = tb.pop("truncated_prompt_tokens")
                 wrong_valid = self._put(tb.pop("wrong_valid"))
                 tb = dict(self._put(tb, leading_axis=1), wrong_valid=wrong_valid)
@@ -147,7 +150,7 @@ class Trainer:
                 teacher = update_lib.teacher_outputs(self.graphdef, tparams, tb, ids, spec)
                 jax.block_until_ready(teacher)
             t2 = time.perf_counter()
-            nan = int(jax.device_get(self.state.opt_step)) == cfg.train.inject_nonfinite_grad_at
+            nan = int(jax.device_get(self.state.opt_step)) + 1 == cfg.train.inject_nonfinite_grad_at
             self.state, mets = update_lib.update(self.graphdef, self.state, sb, teacher, lr,
                                                  jnp.asarray(nan), spec=spec)
             mets = jax.device_get(mets)
@@ -167,7 +170,7 @@ class Trainer:
         if cfg.warm_start.num_examples > 0:
             records = records[:cfg.warm_start.num_examples]
         examples = warm_start.encode_examples(records, self.encoder, self.tokenizer,
-                                              self.eos_ids[0])
+                                              self.eos_ids[0], cfg.warm_start.target)
         params = warm_start.warm_start(
             self.graphdef, self.state.params, examples, steps=cfg.warm_start.steps,
             batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
@@ -189,7 +192,7 @@ class Trainer:
         return evaluation.evaluate(fn, self.tokenizer, self.encoder, records,
                                    batch_prompts=cfg.eval.batch_prompts,
                                    num_samples=setup.eval_samples(cfg), seed=cfg.seed + 7919,
-                                   pad_id=self.pad_id)
+                                   pad_id=self.pad_id, buckets=self.prompt_buckets)
 
 
 def _masked_mean(x, mask) -> float:

@@ -150,3 +150,41 @@ def check_mesh_batch(mesh, rows: int, what: str) -> None:
 def seed_rng(seed: int, step: int) -> np.random.Generator:
     """Host randomness (hint choice) for one training step: same seed + step, same draws."""
     return np.random.default_rng([seed, step])
+
+
+def model_config(cfg, vocab_size: int | None = None):
+    """The architecture a run will use, without loading weights."""
+    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+              remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
+              attention_impl=cfg.model.attention_impl)
+    path = os.path.expanduser(cfg.model.checkpoint)
+    if cfg.model.checkpoint and os.path.exists(os.path.join(path, "config.json")):
+        return models.config_for(path, **kw)
+    if vocab_size is not None:
+        kw["vocab_size"] = vocab_size
+    return models.get_preset(cfg.model.preset, **kw)
+
+
+def abstract_build(cfg) -> dict:
+    """Shapes and shardings of the whole train state on the configured mesh (no memory):
+    catches config typos, mesh / divisibility problems and per-chip sizes before a TPU job."""
+    import math
+
+    from rlcsd_jax.trainer import state as state_lib
+
+    check_config(cfg)
+    mesh = make_mesh(cfg)
+    mcfg = model_config(cfg)
+    graphdef, params = nnx.split(models.abstract_model(mcfg))
+    shardings = sharding.param_shardings(params, mesh)
+    spec = step_spec(cfg, cfg.rollout.max_new_tokens)
+    need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
+    state = jax.eval_shape(
+        lambda p: state_lib.init_state(p, spec.tx, spec.teacher_mode, need_ref), params)
+
+    def nbytes(tree):
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    return dict(model_config=mcfg, spec=spec, mesh=mesh, state=state, shardings=shardings,
+                num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+                param_bytes=nbytes(params), opt_state_bytes=nbytes(state.opt_state))

@@ -1,0 +1,15 @@
+"""Qwen3-8B with the reference hyper-parameters (RLCSD_SPEC §0, §4.0, §5).
+
+    python -m rlcsd_jax.train --config=configs/qwen3_8b.py --workdir=gs://BUCKET/qwen3_8b_rlcsd
+    python -m rlcsd_jax.train --config=configs/qwen3_8b.py:logic ...       # Knights & Knaves task
+
+`model.checkpoint` is a converted folder (`python -m rlcsd_jax.convert`) or the HF download.
+"""
+
+from rlcsd_jax import config_base
+
+
+def get_config(task: str = "math"):
+    return config_base.reference_config(
+        task=task, preset="qwen3-8b", checkpoint="~/checkpoints/qwen3_8b",
+        math_train="data/verl/deepmath_filtered_level7_10/train.parquet")

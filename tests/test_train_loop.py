@@ -1,0 +1,146 @@
+"""End-to-end plumbing of the real training loop on the tiny model (RLCSD_SPEC §1.7, §2.3, §3, §5).
+
+The tiny random model writes gibberish, so the decoded texts are replaced by a fixed pattern of
+boxed answers per group (the token ids the losses see are still the model's own samples):
+  group 0: all correct          -> dropped (all-correct group)
+  group 1: 1 correct, 3 wrong   -> the lone correct target is dropped, 3 wrong targets kept
+  group 2: 2 correct, 2 wrong   -> all 4 kept
+  group 3: all wrong            -> dropped (self_rollout)
+"""
+
+import numpy as np
+import pytest
+
+from rlcsd_jax import losses
+from rlcsd_jax.trainer import loop, rollout
+
+PATTERN = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def tiny_config(tmp_path, method="rlcsd", **over):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    spec = importlib.util.spec_from_file_location("tiny_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.method = method
+    c.data.num_generated_train = 16
+    c.data.num_generated_eval = 4
+    c.data.shuffle = False
+    c.rollout.prompts_per_step = 4
+    c.rollout.group_size = 4
+    c.rollout.max_new_tokens = 8
+    c.train.minibatch_prompts = 1
+    c.train.warmup_steps = 2
+    c.train.lr = 1e-2
+    c.train.teacher_buckets = (128, 256, 512, 1024)
+    c.teacher.sync_interval = 2
+    c.teacher.k_max = 2
+    c.warm_start.steps = 0
+    c.eval.before_train = False
+    c.eval.at_end = False
+    for k, v in over.items():
+        section, key = k.split(".")
+        c[section][key] = v
+    return c
+
+
+@pytest.fixture
+def fake_texts(monkeypatch):
+    """Replace decoding by the PATTERN of correct / wrong boxed answers."""
+    state = {}
+
+    def decode(tokenizer, tokens, lengths):
+        records = state["records"]
+        g = len(tokens) // len(records)
+        texts = []
+        for p, rec in enumerate(records):
+            for j in range(g):
+                ok = PATTERN[p % len(PATTERN)][j % 4]
+                ans = rec.ground_truth if ok else rec.ground_truth.replace("knight", "KNAVE_X")
+                texts.append(f"reasoning {p}.{j} \\boxed{{{ans}}}")
+        return texts
+
+    real_sample = rollout.sample
+
+    def sample(generate_fn, tokenizer, encoder, records, key, **kw):
+        state["records"] = list(records)
+        return real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
+
+    monkeypatch.setattr(rollout, "decode", decode)
+    monkeypatch.setattr(rollout, "sample", sample)
+    monkeypatch.setattr(loop.rollout, "sample", sample)
+    return state
+
+
+def params_of(tr):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tr.state.params))]
+
+
+def test_rlcsd_plumbing(tmp_path, fake_texts):
+    cfg = tiny_config(tmp_path)
+    cfg.train.inject_nonfinite_grad_at = 3
+    tr = loop.Trainer(cfg, str(tmp_path))
+    p0 = params_of(tr)
+    m1 = tr.train_step(next(tr.iterator))
+    # Drops: 3 + 4 = 7 of 16 rollouts survive -> 2 mini-batches of 4 rows (1 prompt x G).
+    assert m1["rlcsd/valid_sample_count"] == 7 and m1["train/kept_ratio"] == 7 / 16
+    assert m1["rlcsd/aborted_ratio"] == 0.5
+    assert m1["train/num_updates"] == 2
+    # Step 1 of a warmup schedule runs at lr = 0: AdamW moments move, weights do not.
+    assert m1["train/lr"] == 0.0
+    for a, b in zip(p0, params_of(tr)):
+        np.testing.assert_array_equal(a, b)
+    # Snapshot teacher: refreshed after optimizer step 2 (interval 2) -> equals params.
+    import jax
+
+    assert int(tr.state.opt_step) == 2
+    for t, p in zip(jax.tree.leaves(tr.state.teacher), jax.tree.leaves(tr.state.params)):
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(p))
+    before = params_of(tr)
+    m2 = tr.train_step(next(tr.iterator))
+    assert m2["train/lr"] > 0
+    # Optimizer step 3 had an injected NaN gradient: skipped (counted), weights unchanged by
+    # it; step 4 then updated the weights and refreshed the teacher again.
+    assert m2["train/skipped_steps"] == 1.0
+    assert int(tr.state.opt_step) == 4
+    assert any(not np.array_equal(a, b) for a, b in zip(before, params_of(tr)))
+    assert np.isfinite(m2["train/loss"])
+    for key in ("rlcsd/e_ctr_mean", "rlcsd/selected_token_ratio", "train/entropy",
+                "train/grad_norm", "time/sample", "time/score", "time/update"):
+        assert key in m2, key
+
+
+def test_all_dropped_step_makes_no_update(tmp_path, monkeypatch, fake_texts):
+    monkeypatch.setattr(loop.batches_lib, "build_contexts",
+                        lambda *a, **k: loop.batches_lib.Contexts(np.zeros(0, int), [], [], {}))
+    tr = loop.Trainer(tiny_config(tmp_path), str(tmp_path))
+    p0 = params_of(tr)
+    m = tr.train_step(next(tr.iterator))
+    assert m["train/num_updates"] == 0
+    assert int(tr.state.train_step) == 0 and int(tr.state.opt_step) == 0
+    for a, b in zip(p0, params_of(tr)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", [m for m in losses.names() if m != "rlcsd"])
+def test_every_method_runs(tmp_path, fake_texts, method):
+    tr = loop.Trainer(tiny_config(tmp_path, method), str(tmp_path))
+    for _ in range(2):
+        m = tr.train_step(next(tr.iterator))
+    assert m["train/num_updates"] > 0
+    assert np.isfinite(m["train/loss"]) and np.isfinite(m["train/grad_norm"])
+    expected = {"grpo": ["train/pg_clipfrac", "train/kl"],
+                "opsd": ["opsd/entry_clip_frac", "opsd/teacher_tail_mass"],
+                "sdpo": ["sdpo/jsd_mean", "sdpo/is_weight_mean"],
+                "srpo": ["srpo/teacher_entropy_mean", "srpo/grpo_token_ratio"],
+                "rlsd": ["train/pg_clipfrac"],
+                "opsd_ectr": ["opsd_ectr/kl_cw_mean", "opsd_ectr/kept_ratio", "train/kl"],
+                "rlsd_ectr": ["rlsd_ectr/kept_ratio", "train/kl"]}[method]
+    for key in expected:
+        assert key in m, (key, sorted(m))

@@ -33,7 +33,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (e.g. "kk_4to8").  task selects the reward routing defaults and the eval sampling count.
     c.data = ml_collections.ConfigDict(dict(
         task="math", train="", eval="", shuffle=False, max_prompt_len=2048,
-        num_generated_train=0, num_generated_eval=0, generator_seed=0, enable_thinking=True))
+        num_generated_train=0, num_generated_eval=0, generator_seed=0, enable_thinking=True,
+        kk_name_pool=0))                    # generated K&K: draw names from the first N (0 = all)
 
     # Rollouts (§1.3): G samples per prompt, 64 prompts per training step.
     c.rollout = ml_collections.ConfigDict(dict(

@@ -1,20 +1,14 @@
 """End-to-end plumbing of the real training loop on the tiny model (RLCSD_SPEC §1.7, §2.3, §3, §5).
 
-The tiny random model writes gibberish, so the decoded texts are replaced by a fixed pattern of
-boxed answers per group (the token ids the losses see are still the model's own samples):
-  group 0: all correct          -> dropped (all-correct group)
-  group 1: 1 correct, 3 wrong   -> the lone correct target is dropped, 3 wrong targets kept
-  group 2: 2 correct, 2 wrong   -> all 4 kept
-  group 3: all wrong            -> dropped (self_rollout)
+Answers follow fake_rollouts.PATTERN (see there for which groups / targets survive).
 """
 
 import numpy as np
 import pytest
 
 from rlcsd_jax import losses
-from rlcsd_jax.trainer import loop, rollout
-
-PATTERN = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+import fake_rollouts
+from rlcsd_jax.trainer import loop
 
 
 def tiny_config(tmp_path, method="rlcsd", **over):
@@ -50,30 +44,7 @@ def tiny_config(tmp_path, method="rlcsd", **over):
 
 @pytest.fixture
 def fake_texts(monkeypatch):
-    """Replace decoding by the PATTERN of correct / wrong boxed answers."""
-    state = {}
-
-    def decode(tokenizer, tokens, lengths):
-        records = state["records"]
-        g = len(tokens) // len(records)
-        texts = []
-        for p, rec in enumerate(records):
-            for j in range(g):
-                ok = PATTERN[p % len(PATTERN)][j % 4]
-                ans = rec.ground_truth if ok else rec.ground_truth.replace("knight", "KNAVE_X")
-                texts.append(f"reasoning {p}.{j} \\boxed{{{ans}}}")
-        return texts
-
-    real_sample = rollout.sample
-
-    def sample(generate_fn, tokenizer, encoder, records, key, **kw):
-        state["records"] = list(records)
-        return real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
-
-    monkeypatch.setattr(rollout, "decode", decode)
-    monkeypatch.setattr(rollout, "sample", sample)
-    monkeypatch.setattr(loop.rollout, "sample", sample)
-    return state
+    return fake_rollouts.install(monkeypatch.setattr)
 
 
 def params_of(tr):

@@ -209,7 +209,8 @@ def kk_people_count(data_source: str, index: int) -> int:
     return low + index % (high - low + 1)
 
 
-def kk_record(data_source: str, index: int, *, seed: int = 0) -> Record:
+def kk_record(data_source: str, index: int, *, seed: int = 0,
+              name_pool: int | None = None) -> Record:
     """Record ``index`` of a generated K&K set; independent of every other record, so any slice
     can be produced alone.  Train and test sets draw from different seeds."""
     import numpy as np
@@ -219,7 +220,7 @@ def kk_record(data_source: str, index: int, *, seed: int = 0) -> Record:
     low, high, split = parse_kk_source(data_source)
     n_people = kk_people_count(data_source, index)
     rng = np.random.default_rng([seed, 1 if split == "test" else 0, low, high, index])
-    puzzle = generate_puzzle(n_people, rng)
+    puzzle = generate_puzzle(n_people, rng, name_pool=name_pool)
     return Record(
         problem=puzzle.quiz,
         ground_truth=puzzle.answer,
@@ -229,9 +230,11 @@ def kk_record(data_source: str, index: int, *, seed: int = 0) -> Record:
     )
 
 
-def kk_records(data_source: str, num_examples: int, *, seed: int = 0) -> list[Record]:
+def kk_records(data_source: str, num_examples: int, *, seed: int = 0,
+               name_pool: int | None = None) -> list[Record]:
     """``num_examples`` generated puzzles for a K&K data source (see ``parse_kk_source``)."""
-    return [kk_record(data_source, i, seed=seed) for i in range(num_examples)]
+    return [kk_record(data_source, i, seed=seed, name_pool=name_pool)
+            for i in range(num_examples)]
 
 
 def read_records(
@@ -241,6 +244,7 @@ def read_records(
     data_source: str | None = None,
     num_examples: int | None = None,
     seed: int = 0,
+    kk_name_pool: int | None = None,
 ) -> list[Record]:
     """Dispatch: ``*.parquet`` (verl), ``*.jsonl`` (needs ``field_map``), or a K&K name."""
     if path_or_name.endswith(".parquet"):
@@ -252,7 +256,7 @@ def read_records(
     if _KK_NAME.fullmatch(path_or_name.lower()):
         if num_examples is None:
             raise ValueError(f"generating {path_or_name} needs num_examples")
-        return kk_records(path_or_name, num_examples, seed=seed)
+        return kk_records(path_or_name, num_examples, seed=seed, name_pool=kk_name_pool)
     raise ValueError(
         f"don't know how to read {path_or_name!r}: expected a .parquet or .jsonl "
         "file or a K&K name such as kk_4to8 / kk_9"

@@ -219,14 +219,22 @@ def random_statement(speaker: int, n: int, rng: np.random.Generator):
 
 
 def generate_puzzle(
-    n_people: int, rng: np.random.Generator, *, max_tries: int = 100_000
+    n_people: int, rng: np.random.Generator, *, max_tries: int = 100_000,
+    name_pool: int | None = None,
 ) -> KKPuzzle:
-    """A random puzzle with exactly one solution (checked by ``solve``)."""
+    """A random puzzle with exactly one solution (checked by ``solve``).
+
+    ``name_pool`` draws names from the first ``name_pool`` of ``NAMES`` only (easier puzzles for
+    tiny models, which otherwise spend their capacity learning to copy rare names).
+    """
     from rlcsd_jax.rewards.kk_reasoning import reasoning_text
 
     if not MIN_PEOPLE <= n_people <= MAX_PEOPLE:
         raise ValueError(f"n_people must be in [{MIN_PEOPLE}, {MAX_PEOPLE}], got {n_people}")
-    picked = rng.choice(len(NAMES), size=n_people, replace=False)
+    pool = len(NAMES) if not name_pool else min(int(name_pool), len(NAMES))
+    if pool < n_people:
+        raise ValueError(f"name_pool={name_pool} is smaller than n_people={n_people}")
+    picked = rng.choice(pool, size=n_people, replace=False)
     names = tuple(NAMES[int(k)] for k in picked)
     for _ in range(max_tries):
         statements = tuple(random_statement(i, n_people, rng) for i in range(n_people))

@@ -54,7 +54,7 @@ class Trainer:
             self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
     # ------------------------------------------------------------------------------------------
-    def _put(self, tree, leading_axis: int = 0):
+    def put(self, tree, leading_axis: int = 0):
         """Place host arrays with their batch axis over ('data', 'fsdp')."""
         def put(x):
             spec = [None] * np.ndim(x)
@@ -74,7 +74,7 @@ class Trainer:
         params = self.sampling_params()
 
         def fn(ids, mask, key, num_samples):
-            ids, mask = self._put((ids, mask))
+            ids, mask = self.put((ids, mask))
             return sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
                 num_samples=num_samples, options=options, eos_ids=self.eos_ids,
@@ -125,7 +125,7 @@ class Trainer:
         t = time.perf_counter()
         students = []
         for rows in chunks:   # old / ref log-probs at the weights that sampled (§1.6)
-            sb = self._put(batches_lib.student_batch(ro, rows, m, ids_full, mask_full))
+            sb = self.put(batches_lib.student_batch(ro, rows, m, ids_full, mask_full))
             sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref,
                                               sb, spec=spec, with_ref=self.need_ref))
             students.append(sb)
@@ -142,8 +142,8 @@ class Trainer:
                     max_len=cfg.train.teacher_max_len, pad_id=self.pad_id,
                     buckets=self.teacher_buckets)
                 truncated = tb.pop("truncated_prompt_tokens")
-                wrong_valid = self._put(tb.pop("wrong_valid"))
-                tb = dict(self._put(tb, leading_axis=1), wrong_valid=wrong_valid)
+                wrong_valid = self.put(tb.pop("wrong_valid"))
+                tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
                 tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
                 ids = (update_lib.student_topk_ids(self.graphdef, self.state.params, sb, spec=spec)
                        if cfg.method in ("sdpo", "srpo") else None)
@@ -175,7 +175,7 @@ class Trainer:
             self.graphdef, self.state.params, examples, steps=cfg.warm_start.steps,
             batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
             warmup_steps=cfg.warm_start.warmup_steps, seed=cfg.seed, pad_id=self.pad_id,
-            put=self._put)
+            put=self.put)
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
 

@@ -101,7 +101,8 @@ def read_split(spec: str, cfg, num_generated: int, seed_offset: int) -> list[Rec
     records: list[Record] = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         records += readers.read_records(part, num_examples=num_generated or None,
-                                        seed=cfg.data.generator_seed + seed_offset)
+                                        seed=cfg.data.generator_seed + seed_offset,
+                                        kk_name_pool=cfg.data.kk_name_pool or None)
     return records
 
 

@@ -1,0 +1,565 @@
+"""Which tokens carry the distillation signal?  The paper's Figure 1a analysis.
+
+    python -m rlcsd_jax.analyze_style --config=configs/tiny.py --out=DIR [--num_prompts=8]
+        [--checkpoint=HF_OR_CONVERTED_DIR] [--warm_start_steps=0] [--group_size=0]
+        [--max_new_tokens=0] [--hint_source=auto] [--min_count=3] [--num_top=10]
+        [--split=train] [--seed=0] [--row=-1] [--workdir=DIR] [--config.KEY=VALUE ...]
+
+For G rollouts of each of N prompts, the rlcsd hint contexts are built and scored with the
+trainer's own code (`batches.build_contexts` / `teacher_arrays`, `update.teacher_outputs`,
+`update.old_logprobs`), and `losses.signal_diagnostics` gives two per-token signals:
+
+    e_c   = lp_T(y | correct hint) − lp_S(y)              (the OPD / RLSD-style signal)
+    e_ctr = lp_T(y | correct) − log mean_k p_T(y | wrong_k)   (the RLCSD contrast, §4.8)
+
+Style tokens (formatting, connectives) move e_c a lot because any hint changes the teacher's
+style, but they cancel in e_ctr, where the correct and wrong hints share the template.  Per
+decoded token string we report the mean |e_c| and mean |e_ctr| (tokens seen fewer than
+`min_count` times are left out) and write
+
+    DIR/style_tokens.md    two markdown tables: top tokens by mean |e_c| and by mean |e_ctr|
+    DIR/style_tokens.json  the same numbers for every token, plus which hint source was used
+    DIR/style_drift.png    one response, tokens coloured by e_c (top row) and e_ctr (bottom)
+
+Hint sources (`--hint_source=auto`): self_rollout hints (the method's default) first; if every
+rollout is dropped (e.g. an untrained model gets everything wrong) the GT solution becomes the
+correct hint (gt_cot); if that still leaves nothing (no wrong rollout has a \\boxed{} answer, so
+no wrong hint exists) only e_c is computed, against the GT-solution teacher.  The source used
+is logged and written into both outputs.  With no --checkpoint the config's model is used
+(the tiny random model for configs/tiny.py; add --warm_start_steps=300 to warm-start it first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+log = logging.getLogger("rlcsd_jax.analyze_style")
+
+SIGNALS = ("e_c", "e_ctr")
+HINT_SOURCES = ("auto", "self_rollout", "gt_cot")
+SOURCE_CORRECT_ONLY = "gt_cot (correct hint only: e_c without e_ctr)"
+SIGNAL_TITLES = {
+    "e_c": "e_c = lp_T(y | correct hint) − lp_S(y)",
+    "e_ctr": "e_ctr = lp_T(y | correct hint) − log mean_k p_T(y | wrong hint k)   (RLCSD)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals (device work through the trainer's code)
+# ---------------------------------------------------------------------------------------------
+
+def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: int = 0,
+                    seed: int = 0, hint_source: str = "auto", k_max: int = 0,
+                    generate_fn=None) -> dict:
+    """Sample G rollouts per record and compute per-token e_c / e_ctr on the kept rollouts.
+
+    trainer: a `trainer.loop.Trainer` (its weights are the student; its teacher weights, or
+    the same weights before any update, are the teacher).  group_size / max_new_tokens /
+    k_max: 0 = the trainer's config.  generate_fn: the sampler (default: the trainer's, with
+    the config's rollout sampling options).
+
+    Returns a dict: source (hint source used, or "none"), message (what happened, including
+    fallbacks; "" when none was needed), rows [R'] (kept rollout indices), token_ids / mask /
+    e_c / e_ctr [R', N] (e_ctr is NaN when no wrong hint existed), rewards [R'], texts (kept
+    rows), has_e_ctr, num_rollouts, stats (drop statistics per source tried), rollouts,
+    contexts.
+    """
+    import jax
+
+    from rlcsd_jax import hints, sampling
+    from rlcsd_jax.trainer import batches, rollout, setup
+
+    cfg = trainer.cfg
+    g = group_size or cfg.rollout.group_size
+    n_new = max_new_tokens or cfg.rollout.max_new_tokens
+    k_max = k_max or cfg.teacher.k_max
+    if hint_source not in HINT_SOURCES:
+        raise ValueError(f"hint_source={hint_source!r}; allowed: {', '.join(HINT_SOURCES)}")
+    if generate_fn is None:
+        options = sampling.SamplingOptions(cfg.rollout.temperature, cfg.rollout.top_k,
+                                           cfg.rollout.top_p)
+        generate_fn = trainer.generate_fn(options, n_new)
+    ro = rollout.sample(generate_fn, trainer.tokenizer, trainer.encoder, list(records),
+                        jax.random.key(seed), group_size=g, buckets=sampling.DEFAULT_BUCKETS,
+                        pad_id=trainer.pad_id)
+    n_rows = len(ro.texts)
+    first = hints.normalize_hint_source(
+        cfg.teacher.correct_privileged_hint_source if hint_source == "auto" else hint_source)
+    order = [first] + (["gt_cot"] if hint_source == "auto" and first != "gt_cot" else [])
+    notes, stats, ctx, source = [], {}, None, "none"
+    for src in order:
+        try:
+            ctx = batches.build_contexts("rlcsd", ro, trainer.encoder, setup.seed_rng(seed, 0),
+                                         hint_source=src, k_max=k_max)
+        except ValueError as e:         # gt_cot without a dataset solution
+            notes.append(f"{src} hints unavailable: {e}")
+            ctx = None
+            continue
+        stats[src] = ctx.stats
+        if len(ctx.kept):
+            source = src
+            break
+        notes.append(f"every rollout was dropped under {src} hints ({_why_dropped(ro, ctx)})")
+        ctx = None
+    has_ctr = ctx is not None
+    if ctx is None and hint_source == "auto":
+        try:   # the GT-solution teacher keeps every rollout: e_c is still defined
+            ctx = batches.build_contexts("rlsd", ro, trainer.encoder, setup.seed_rng(seed, 0),
+                                         hint_source="gt_cot", k_max=k_max)
+            source = SOURCE_CORRECT_ONLY
+        except ValueError as e:
+            notes.append(f"GT-solution hints unavailable: {e}")
+    if ctx is not None and source != order[0]:
+        notes.append(f"falling back to {source}")
+    message = "; ".join(notes)
+    for note in notes:
+        log.warning("%s", note)
+    log.info("hint source used: %s (%d of %d rollouts kept)", source,
+             0 if ctx is None else len(ctx.kept), n_rows)
+    out = dict(source=source, message=message, has_e_ctr=has_ctr, num_rollouts=n_rows,
+               stats=stats, rollouts=ro, contexts=ctx, group_size=g)
+    if ctx is None:
+        empty = np.zeros((0, ro.tokens.shape[1]))
+        return dict(out, rows=np.zeros(0, np.int64), token_ids=empty.astype(np.int32),
+                    mask=empty.astype(np.int32), e_c=empty, e_ctr=empty,
+                    rewards=np.zeros(0, np.float32), texts=[])
+    e_c, e_ctr = _score_signals(trainer, ro, ctx, k_max=k_max, with_ctr=has_ctr)
+    rows = np.asarray(ctx.kept)
+    return dict(out, rows=rows, token_ids=ro.tokens[rows].astype(np.int32),
+                mask=ro.response_mask()[rows], e_c=e_c, e_ctr=e_ctr,
+                rewards=ro.rewards[rows], texts=[ro.texts[r] for r in rows])
+
+
+def _why_dropped(ro, ctx) -> str:
+    from rlcsd_jax.rewards import last_boxed
+
+    g = ro.group_size
+    groups = ro.rewards.reshape(-1, g) > 0
+    boxed = sum(last_boxed(t) is not None for t in ro.texts)
+    return (f"{int(groups.all(1).sum())} all-correct, {int((~groups).all(1).sum())} all-wrong "
+            f"of {len(groups)} groups; {boxed} of {len(ro.texts)} rollouts have a \\boxed{{}} "
+            f"answer; kept {len(ctx.kept)}")
+
+
+def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
+    """e_c, e_ctr [R', N] for the kept rows, in mini-batches of the trainer's nominal size."""
+    import jax
+
+    from rlcsd_jax import losses
+    from rlcsd_jax.trainer import batches, update
+
+    method = "rlcsd" if with_ctr else "rlsd"
+    n = ro.tokens.shape[1]
+    spec = dataclasses.replace(trainer.spec, method=method, response_len=n)
+    m = trainer.minibatch_rows
+    put = trainer.put
+    state = trainer.state
+    tparams = getattr(state, "teacher", None)
+    tparams = state.params if tparams is None else tparams
+    k_slots = batches.num_wrong_slots(method, k_max)
+    ids_full, mask_full = batches.full_student_rows(ro)
+    e_c, e_ctr, pos = [], [], 0
+    for rows in batches.minibatch_rows(np.asarray(ctx.kept), m):
+        sb = put(batches.student_batch(ro, rows, m, ids_full, mask_full))
+        logp = update.old_logprobs(trainer.graphdef, state.params, None, sb, spec=spec,
+                                   with_ref=False)["old_logp"]
+        tb = batches.teacher_arrays(ro, ctx, np.arange(pos, pos + len(rows)), rows, m,
+                                    k_slots=k_slots, max_len=trainer.cfg.train.teacher_max_len,
+                                    pad_id=trainer.pad_id)
+        tb.pop("truncated_prompt_tokens", None)
+        wrong_valid = put(tb.pop("wrong_valid"))
+        tb = dict(put(tb, leading_axis=1), wrong_valid=wrong_valid)
+        teacher = update.teacher_outputs(trainer.graphdef, tparams, tb, None, spec)
+        if not with_ctr:    # one dummy wrong slot equal to the correct one: e_ctr = 0, unused
+            tc = teacher["teacher_logp"]
+            teacher = dict(teacher_correct_logp=tc, teacher_wrong_logp=tc[:, None, :],
+                           wrong_valid=np.ones((m, 1), np.int32))
+        diag = losses.signal_diagnostics(
+            logp=logp, teacher_correct_logp=teacher["teacher_correct_logp"],
+            teacher_wrong_logp=teacher["teacher_wrong_logp"],
+            wrong_valid=teacher["wrong_valid"], mask=sb["response_mask"])
+        diag = jax.device_get(diag)
+        e_c.append(np.asarray(diag["e_c"])[:len(rows)])
+        e_ctr.append(np.asarray(diag["e_ctr"])[:len(rows)])
+        pos += len(rows)
+    e_c, e_ctr = np.concatenate(e_c).astype(np.float64), np.concatenate(e_ctr).astype(np.float64)
+    if not with_ctr:
+        e_ctr = np.full_like(e_ctr, np.nan)
+    return e_c, e_ctr
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation per token string
+# ---------------------------------------------------------------------------------------------
+
+def token_strings(tokenizer, ids) -> list[str]:
+    """Each id decoded on its own (special tokens kept: the EOS is a response token too)."""
+    cache: dict[int, str] = {}
+    out = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+        if i not in cache:
+            cache[i] = tokenizer.decode([int(i)], skip_special_tokens=False)
+        out.append(cache[i])
+    return out
+
+
+def token_stats(signals: dict, tokenizer, *, min_count: int = 3) -> list[dict]:
+    """Per decoded token string over every response token of the kept rollouts:
+    {token, count, mean_abs_e_c, mean_e_c, mean_abs_e_ctr, mean_e_ctr} (NaN e_ctr when it is
+    unavailable), for tokens seen at least `min_count` times; sorted by count, then token."""
+    mask = np.asarray(signals["mask"]) > 0
+    if not mask.any():
+        return []
+    strings = token_strings(tokenizer, np.asarray(signals["token_ids"])[mask])
+    e_c = np.asarray(signals["e_c"], np.float64)[mask]
+    e_ctr = np.asarray(signals["e_ctr"], np.float64)[mask]
+    groups: dict[str, list[int]] = {}
+    for j, s in enumerate(strings):
+        groups.setdefault(s, []).append(j)
+    out = []
+    for s, idx in groups.items():
+        if len(idx) < min_count:
+            continue
+        c, r = e_c[idx], e_ctr[idx]
+        out.append(dict(token=s, count=len(idx), mean_abs_e_c=float(np.abs(c).mean()),
+                        mean_e_c=float(c.mean()), mean_abs_e_ctr=float(np.abs(r).mean()),
+                        mean_e_ctr=float(r.mean())))
+    out.sort(key=lambda d: (-d["count"], d["token"]))
+    return out
+
+
+def top_tokens(signals: dict, tokenizer, *, by: str = "e_ctr", k: int = 10,
+               min_count: int = 3, stats: list[dict] | None = None) -> list[dict]:
+    """The `k` tokens with the largest mean |signal| (`by` = "e_c" or "e_ctr"); ties by count.
+    Empty when the signal is unavailable (e_ctr without any wrong hint)."""
+    if by not in SIGNALS:
+        raise ValueError(f"by={by!r}; allowed: {', '.join(SIGNALS)}")
+    stats = token_stats(signals, tokenizer, min_count=min_count) if stats is None else stats
+    key = f"mean_abs_{by}"
+    rows = [d for d in stats if np.isfinite(d[key])]
+    return sorted(rows, key=lambda d: (-d[key], -d["count"], d["token"]))[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def display_token(s: str, *, space: str = "␣") -> str:
+    """A visible, one-line form of a token string (spaces, newlines, control bytes)."""
+    out = []
+    for ch in s:
+        if ch == " ":
+            out.append(space)
+        elif ch == "\n":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 32 or 127 <= ord(ch) < 160:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _md_token(s: str) -> str:
+    shown = display_token(s).replace("|", "\\|") or "(empty)"
+    tick = "``" if "`" in shown else "`"
+    pad = " " if "`" in shown else ""
+    return f"{tick}{pad}{shown}{pad}{tick}"
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.4f}"
+
+
+def render_table(top_c: list[dict], top_ctr: list[dict], *, source: str = "",
+                 message: str = "", num_rollouts: int = 0, num_kept: int = 0,
+                 num_tokens: int = 0, min_count: int = 3) -> str:
+    """Markdown: a header paragraph and two tables (top by mean |e_c|, top by mean |e_ctr|)."""
+    summary = (f"Hint source: **{source}**. Kept {num_kept} of {num_rollouts} rollouts, "
+               f"{num_tokens} response tokens; tokens seen fewer than {min_count} times are "
+               "left out.")
+    lines = ["# Token-level distillation signals (Figure 1a)", "", summary, ""]
+    if message:
+        lines += [f"Note: {message}.", ""]
+    lines += [f"`{SIGNAL_TITLES['e_c']}`  ", f"`{SIGNAL_TITLES['e_ctr']}`", ""]
+    header = ("| rank | token | count | mean \\|e_c\\| | mean e_c | mean \\|e_ctr\\| "
+              "| mean e_ctr |")
+    for by, top in (("e_c", top_c), ("e_ctr", top_ctr)):
+        lines += [f"## Top-{len(top) if top else 10} tokens by mean |{by}|", "", header,
+                  "|---:|:---|---:|---:|---:|---:|---:|"]
+        for i, d in enumerate(top, 1):
+            lines.append(f"| {i} | {_md_token(d['token'])} | {d['count']} | "
+                         f"{_fmt(d['mean_abs_e_c'])} | {_fmt(d['mean_e_c'])} | "
+                         f"{_fmt(d['mean_abs_e_ctr'])} | {_fmt(d['mean_e_ctr'])} |")
+        if not top:
+            why = ("no wrong hint exists, so the contrast is undefined" if by == "e_ctr"
+                   and num_kept else f"no token reached {min_count} occurrences"
+                   if num_kept else "no rollout survived")
+            lines.append(f"| – | ({why}) | 0 | n/a | n/a | n/a | n/a |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pick_row(signals: dict) -> int:
+    """Index (into the kept rows) of the response to draw: the first correct one, else the
+    first kept one."""
+    rewards = np.asarray(signals["rewards"])
+    if not len(rewards):
+        raise ValueError("no kept rollout to draw")
+    correct = np.nonzero(rewards > 0)[0]
+    return int(correct[0]) if len(correct) else 0
+
+
+def _layout(strings: list[str], width: int):
+    """(x, line, w) in character cells per token; a newline token ends its line."""
+    cells, x, line = [], 0, 0
+    for s in strings:
+        w = max(len(s), 1)
+        if x and x + w > width:
+            x, line = 0, line + 1
+        cells.append((x, line, w))
+        x += w
+        if s.endswith("⏎"):
+            x, line = 0, line + 1
+    return cells, (line + 1 if x else max(line, 1))
+
+
+def render_png(signals: dict, tokenizer, out: str, *, row: int = -1, max_tokens: int = 200,
+               width: int = 90) -> str:
+    """Draw kept response `row` (-1: `pick_row`) with each token on a box coloured by e_c
+    (top panel) and e_ctr (bottom panel); diverging colormap centred at 0, one scale per
+    signal (its 99th percentile of |value| over the whole batch).  Returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colors as mcolors
+    from matplotlib.patches import Rectangle
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    mask = np.asarray(signals["mask"]) > 0
+    if not mask.any():
+        fig = plt.figure(figsize=(8, 1.6))
+        fig.text(0.5, 0.5, "no rollout survived the hint filter; nothing to draw\n"
+                 + signals.get("message", "")[:200], ha="center", va="center", fontsize=9,
+                 wrap=True)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+    row = pick_row(signals) if row < 0 else row
+    length = int(mask[row].sum())
+    shown = min(length, max_tokens)
+    raw = token_strings(tokenizer, np.asarray(signals["token_ids"])[row, :shown])
+    strings = [display_token(s, space=" ") for s in raw]
+    cells, n_lines = _layout(strings, width)
+    char_in, line_in, fs = 0.075, 0.24, 8.5
+    text_w = width * char_in
+    panel_h = max(n_lines * line_in, 0.6) + 0.45
+    fig_w, fig_h = text_w + 1.6, 2 * panel_h + 0.7
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    cmap = plt.get_cmap("RdBu_r")
+    reward = float(np.asarray(signals["rewards"])[row])
+    fig.suptitle(f"rollout {int(np.asarray(signals['rows'])[row])} (reward {reward:g}), "
+                 f"hint source {signals.get('source', '?')}; first {shown} of {length} tokens",
+                 fontsize=9, y=1 - 0.12 / fig_h)
+    for p, name in enumerate(SIGNALS):
+        values = np.asarray(signals[name], np.float64)
+        bottom = (fig_h - 0.45 - (p + 1) * panel_h) / fig_h
+        ax = fig.add_axes([0.3 / fig_w, bottom, text_w / fig_w, (panel_h - 0.4) / fig_h])
+        cax = fig.add_axes([(0.45 + text_w) / fig_w, bottom, 0.12 / fig_w,
+                            (panel_h - 0.4) / fig_h])
+        ax.set_xlim(0, width)
+        ax.set_ylim(max(n_lines, (panel_h - 0.4) / line_in), 0)   # 1 unit = 1 line
+        ax.axis("off")
+        finite = np.isfinite(values[mask])
+        ax.set_title(SIGNAL_TITLES[name] + ("" if finite.any() else
+                                            "   — n/a: no wrong hint in this batch"),
+                     fontsize=8.5, loc="left")
+        vmax = float(np.percentile(np.abs(values[mask][finite]), 99)) if finite.any() else 1.0
+        norm = mcolors.Normalize(-max(vmax, 1e-6), max(vmax, 1e-6))
+        for (x, line, w), s, v in zip(cells, strings, values[row, :shown]):
+            face = cmap(norm(v)) if np.isfinite(v) else (0.85, 0.85, 0.85, 1.0)
+            ax.add_patch(Rectangle((x, line + 0.06), w, 0.88, facecolor=face,
+                                   edgecolor="white", linewidth=0.4))
+            dark = np.isfinite(v) and abs(norm(v) - 0.5) > 0.35
+            ax.text(x + w / 2, line + 0.5, s, ha="center", va="center", fontsize=fs,
+                    family="DejaVu Sans Mono", color="white" if dark else "black")
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+        cax.tick_params(labelsize=7)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole analysis
+# ---------------------------------------------------------------------------------------------
+
+def build_trainer(cfg, workdir: str, *, checkpoint: str = "", warm_start_steps: int = 0):
+    """A Trainer for `cfg` (`checkpoint` = any HF / converted folder overrides the model),
+    warm-started for `warm_start_steps` steps (-1: the config's warm_start.steps; never with a
+    checkpoint unless asked explicitly)."""
+    from rlcsd_jax.trainer.loop import Trainer
+
+    if checkpoint:
+        cfg.model.checkpoint = checkpoint
+    steps = cfg.warm_start.steps if warm_start_steps < 0 and not checkpoint else warm_start_steps
+    tr = Trainer(cfg, workdir)
+    if steps > 0:
+        cfg.warm_start.steps = steps
+        log.info("warm start: %d steps", steps)
+        tr.warm_start()
+    return tr
+
+
+def pick_records(trainer, num_prompts: int, *, split: str = "train", seed: int = 0) -> list:
+    """`num_prompts` records of the train or eval split, drawn with `seed`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}; allowed: train, eval")
+    pool = trainer.train_records if split == "train" else trainer.eval_records
+    if not pool:
+        raise ValueError(f"the {split} split of this config is empty")
+    idx = np.random.default_rng([seed, 7]).choice(len(pool), size=min(num_prompts, len(pool)),
+                                                  replace=False)
+    return [pool[int(i)] for i in idx]
+
+
+def analyze(cfg, out: str, *, workdir: str | None = None, checkpoint: str = "",
+            warm_start_steps: int = 0, num_prompts: int = 8, group_size: int = 0,
+            max_new_tokens: int = 0, hint_source: str = "auto", min_count: int = 3,
+            num_top: int = 10, split: str = "train", seed: int = 0, row: int = -1,
+            trainer=None) -> dict:
+    """Build (or reuse) a trainer, collect the signals, write the three outputs to `out`.
+
+    Returns dict(signals, stats (per token), top_e_c, top_e_ctr, table (markdown), paths,
+    trainer)."""
+    if group_size:
+        cfg.rollout.group_size = group_size
+    if max_new_tokens:
+        cfg.rollout.max_new_tokens = max_new_tokens
+    if trainer is None:
+        workdir = workdir or tempfile.mkdtemp(prefix="rlcsd_style_")
+        trainer = build_trainer(cfg, workdir, checkpoint=checkpoint,
+                                warm_start_steps=warm_start_steps)
+    records = pick_records(trainer, num_prompts, split=split, seed=seed)
+    signals = collect_signals(trainer, records, group_size=group_size,
+                              max_new_tokens=max_new_tokens, seed=seed, hint_source=hint_source)
+    tok = trainer.tokenizer
+    stats = token_stats(signals, tok, min_count=min_count)
+    top_c = top_tokens(signals, tok, by="e_c", k=num_top, stats=stats)
+    top_ctr = top_tokens(signals, tok, by="e_ctr", k=num_top, stats=stats)
+    n_tokens = int(np.asarray(signals["mask"]).sum())
+    table = render_table(top_c, top_ctr, source=signals["source"], message=signals["message"],
+                         num_rollouts=signals["num_rollouts"], num_kept=len(signals["rows"]),
+                         num_tokens=n_tokens, min_count=min_count)
+    os.makedirs(out, exist_ok=True)
+    paths = {"table": os.path.join(out, "style_tokens.md"),
+             "json": os.path.join(out, "style_tokens.json"),
+             "png": os.path.join(out, "style_drift.png")}
+    with open(paths["table"], "w") as f:
+        f.write(table)
+    drawn = -1 if not len(signals["rows"]) else (pick_row(signals) if row < 0 else row)
+    render_png(signals, tok, paths["png"], row=drawn)
+    with open(paths["json"], "w") as f:
+        json.dump({"source": signals["source"], "message": signals["message"],
+                   "has_e_ctr": signals["has_e_ctr"], "num_rollouts": signals["num_rollouts"],
+                   "num_kept": len(signals["rows"]), "num_tokens": n_tokens,
+                   "min_count": min_count, "drawn_rollout": (int(signals["rows"][drawn])
+                                                             if drawn >= 0 else None),
+                   "hint_stats": signals["stats"], "top_e_c": _json_safe(top_c),
+                   "top_e_ctr": _json_safe(top_ctr), "tokens": _json_safe(stats)}, f, indent=1)
+    log.info("wrote %s, %s and %s (hint source: %s)", paths["table"], paths["json"],
+             paths["png"], signals["source"])
+    return dict(signals=signals, stats=stats, top_e_c=top_c, top_e_ctr=top_ctr, table=table,
+                paths=paths, trainer=trainer)
+
+
+def _json_safe(rows: list[dict]) -> list[dict]:
+    """NaN (e_ctr without a wrong hint) -> null, so the file is strict JSON."""
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+             for k, v in d.items()} for d in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _flags(argv: list[str]):
+    """Flags on a private FlagValues: importing this module never collides with train.py's or
+    evaluate.py's global --config, and tests can call `main(argv)` in-process (`argv` is where
+    the --config.KEY=VALUE overrides are read from)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (e.g. "
+                                    "configs/tiny.py).", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    flags.DEFINE_string("out", None, "Output folder for style_tokens.md / .json and "
+                        "style_drift.png.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", "", "HF or converted model folder (sets "
+                        "config.model.checkpoint); empty = the config's model.", flag_values=fv)
+    flags.DEFINE_string("workdir", "", "Scratch folder (tiny tokenizer); empty = a temp dir.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_prompts", 8, "Prompts to sample.", flag_values=fv)
+    flags.DEFINE_integer("group_size", 0, "Rollouts per prompt (0 = config).", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 0, "Response budget (0 = config).", flag_values=fv)
+    flags.DEFINE_integer("warm_start_steps", 0, "Supervised warm-start steps before sampling "
+                         "(-1 = config.warm_start.steps).", flag_values=fv)
+    flags.DEFINE_enum("hint_source", "auto", list(HINT_SOURCES), "Correct-hint source; auto = "
+                      "self_rollout, falling back to gt_cot when every rollout is dropped.",
+                      flag_values=fv)
+    flags.DEFINE_integer("min_count", 3, "Least occurrences for a token to be ranked.",
+                         flag_values=fv)
+    flags.DEFINE_integer("num_top", 10, "Rows per table.", flag_values=fv)
+    flags.DEFINE_enum("split", "train", ["train", "eval"], "Which records to sample.",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling / prompt choice / hint seed.", flag_values=fv)
+    flags.DEFINE_integer("row", -1, "Kept rollout to draw (-1 = first correct).",
+                         flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns 0 on success, 1 when no rollout could be analysed, 2 on bad usage."""
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = _flags(argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\nflags:\n" + fv.get_help())
+        return 0
+    try:
+        fv(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if fv.config is None or not fv.out:
+        print("error: --config and --out are required (see --help)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    res = analyze(fv.config, fv.out, workdir=fv.workdir or None, checkpoint=fv.checkpoint,
+                  warm_start_steps=fv.warm_start_steps, num_prompts=fv.num_prompts,
+                  group_size=fv.group_size, max_new_tokens=fv.max_new_tokens,
+                  hint_source=fv.hint_source, min_count=fv.min_count, num_top=fv.num_top,
+                  split=fv.split, seed=fv.seed, row=fv.row)
+    sig = res["signals"]
+    print(res["table"], flush=True)
+    if not len(sig["rows"]):
+        print(f"error: no rollout could be analysed: {sig['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Deterministic stand-in for a trained model's answers, shared by loop and resume tests.
+
+The tiny random model writes gibberish, so decoding is replaced by a fixed pattern of boxed
+answers per group (the token ids the losses see are still the model's own samples):
+  group 0: all correct          -> dropped by rlcsd (all-correct group)
+  group 1: 1 correct, 3 wrong   -> the lone correct target is dropped, 3 wrong targets kept
+  group 2: 2 correct, 2 wrong   -> all kept
+  group 3: all wrong            -> dropped (self_rollout)
+"""
+
+from rlcsd_jax.trainer import loop, rollout
+
+PATTERN = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def install(setattr_fn=None):
+    """Patch rollout decoding (setattr_fn: pytest's monkeypatch.setattr, or plain setattr)."""
+    setattr_fn = setattr_fn or setattr
+    state = {}
+    real_sample = rollout.sample
+
+    def decode(tokenizer, tokens, lengths):
+        records = state["records"]
+        g = len(tokens) // len(records)
+        texts = []
+        for p, rec in enumerate(records):
+            for j in range(g):
+                ok = PATTERN[p % len(PATTERN)][j % 4]
+                ans = rec.ground_truth if ok else rec.ground_truth.replace("knight", "KNAVE_X")
+                texts.append(f"reasoning {p}.{j} \\boxed{{{ans}}}")
+        return texts
+
+    def sample(generate_fn, tokenizer, encoder, records, key, **kw):
+        state["records"] = list(records)
+        return real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
+
+    setattr_fn(rollout, "decode", decode)
+    setattr_fn(rollout, "sample", sample)
+    setattr_fn(loop.rollout, "sample", sample)
+    return state

@@ -1,0 +1,35 @@
+"""`python -m rlcsd_jax.train` with the fake answers of fake_rollouts (resume / preemption
+tests run it as a subprocess so they can SIGKILL / SIGTERM a real training process)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fake_rollouts  # noqa: E402
+
+from absl import app  # noqa: E402
+
+from rlcsd_jax import train  # noqa: E402
+
+def _slow_steps(seconds: float) -> None:
+    """Sleep after every training step so a test can signal between checkpoints."""
+    import time
+
+    from rlcsd_jax.trainer import loop
+
+    real = loop.Trainer.train_step
+
+    def train_step(self, records):
+        out = real(self, records)
+        time.sleep(seconds)
+        return out
+
+    loop.Trainer.train_step = train_step
+
+
+if __name__ == "__main__":
+    fake_rollouts.install()
+    if os.environ.get("RLCSD_TEST_STEP_SLEEP"):
+        _slow_steps(float(os.environ["RLCSD_TEST_STEP_SLEEP"]))
+    app.run(lambda argv: sys.exit(train.main(argv)))

@@ -17,6 +17,22 @@ from rlcsd_jax.models import layers
 from rlcsd_jax.models.config import ModelConfig
 
 
+# HF tensor names (relative to `model.layers.{i}.`) of the parameters every block shares; each
+# architecture adds its own norms.
+HF_SHARED_LAYER_NAMES = {
+    ("self_attn", "q_proj"): "self_attn.q_proj.weight",
+    ("self_attn", "k_proj"): "self_attn.k_proj.weight",
+    ("self_attn", "v_proj"): "self_attn.v_proj.weight",
+    ("self_attn", "o_proj"): "self_attn.o_proj.weight",
+    ("self_attn", "q_norm", "weight"): "self_attn.q_norm.weight",
+    ("self_attn", "k_norm", "weight"): "self_attn.k_norm.weight",
+    ("post_attention_layernorm", "weight"): "post_attention_layernorm.weight",
+    ("mlp", "gate_proj"): "mlp.gate_proj.weight",
+    ("mlp", "up_proj"): "mlp.up_proj.weight",
+    ("mlp", "down_proj"): "mlp.down_proj.weight",
+}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:

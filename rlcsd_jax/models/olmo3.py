@@ -12,7 +12,7 @@ import json
 from flax import nnx
 
 from rlcsd_jax.models import layers
-from rlcsd_jax.models.attention import Attention
+from rlcsd_jax.models.attention import HF_SHARED_LAYER_NAMES, Attention
 from rlcsd_jax.models.config import FULL, SLIDING, ModelConfig, RopeConfig
 
 # <|endoftext|>, <|im_start|>, <|im_end|>, <|pad|>.  No BOS.  `<think>` is ordinary text.
@@ -43,16 +43,7 @@ class Olmo3Block(nnx.Module):
 
 
 HF_LAYER_NAMES = {
-    ("self_attn", "q_proj"): "self_attn.q_proj.weight",
-    ("self_attn", "k_proj"): "self_attn.k_proj.weight",
-    ("self_attn", "v_proj"): "self_attn.v_proj.weight",
-    ("self_attn", "o_proj"): "self_attn.o_proj.weight",
-    ("self_attn", "q_norm", "weight"): "self_attn.q_norm.weight",
-    ("self_attn", "k_norm", "weight"): "self_attn.k_norm.weight",
-    ("post_attention_layernorm", "weight"): "post_attention_layernorm.weight",
-    ("mlp", "gate_proj"): "mlp.gate_proj.weight",
-    ("mlp", "up_proj"): "mlp.up_proj.weight",
-    ("mlp", "down_proj"): "mlp.down_proj.weight",
+    **HF_SHARED_LAYER_NAMES,
     ("post_feedforward_layernorm", "weight"): "post_feedforward_layernorm.weight",
 }
 

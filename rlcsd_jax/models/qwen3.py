@@ -7,7 +7,7 @@ import json
 from flax import nnx
 
 from rlcsd_jax.models import layers
-from rlcsd_jax.models.attention import Attention
+from rlcsd_jax.models.attention import HF_SHARED_LAYER_NAMES, Attention
 from rlcsd_jax.models.config import FULL, ModelConfig, RopeConfig
 
 
@@ -29,17 +29,8 @@ class Qwen3Block(nnx.Module):
 
 # HF tensor name per block parameter path (relative to the block).
 HF_LAYER_NAMES = {
+    **HF_SHARED_LAYER_NAMES,
     ("input_layernorm", "weight"): "input_layernorm.weight",
-    ("self_attn", "q_proj"): "self_attn.q_proj.weight",
-    ("self_attn", "k_proj"): "self_attn.k_proj.weight",
-    ("self_attn", "v_proj"): "self_attn.v_proj.weight",
-    ("self_attn", "o_proj"): "self_attn.o_proj.weight",
-    ("self_attn", "q_norm", "weight"): "self_attn.q_norm.weight",
-    ("self_attn", "k_norm", "weight"): "self_attn.k_norm.weight",
-    ("post_attention_layernorm", "weight"): "post_attention_layernorm.weight",
-    ("mlp", "gate_proj"): "mlp.gate_proj.weight",
-    ("mlp", "up_proj"): "mlp.up_proj.weight",
-    ("mlp", "down_proj"): "mlp.down_proj.weight",
 }
 
 
@@ -61,5 +52,5 @@ PRESETS = {
     "qwen3-8b": _preset(151936, 4096, 12288, 36, 32, 8, False),
     # The embedded CPU demo (configs/tiny.py): Qwen3 architecture, a few hundred K parameters;
     # the vocabulary is replaced by the tiny tokenizer's size at build time.
-    "qwen3-tiny": _preset(512, 128, 384, 4, 4, 2, True, head_dim=32),
+    "qwen3-tiny": _preset(512, 128, 384, 2, 4, 2, True, head_dim=32),
 }

@@ -22,12 +22,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or gs://).")
 
 
+class _DropLibraryInfo(logging.Filter):
+    """Keep INFO lines from rlcsd_jax; libraries (orbax logs every save) only WARNING and up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/rlcsd_jax/" in record.pathname
+
+
+def quiet_library_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropLibraryInfo())
+
+
 def main(argv) -> int:
     del argv
     cfg = _CONFIG.value
     if cfg is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger().setLevel(logging.INFO)
+    quiet_library_logs()
     if cfg.distributed or os.environ.get("RLCSD_DISTRIBUTED") == "1":
         import jax
 

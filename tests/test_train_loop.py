@@ -82,6 +82,8 @@ def test_rlcsd_plumbing(tmp_path, fake_texts):
     assert int(tr.state.opt_step) == 4
     assert any(not np.array_equal(a, b) for a, b in zip(before, params_of(tr)))
     assert np.isfinite(m2["train/loss"])
+    # The trainer's old log-probs equal the sampler's for the same tokens (fp32, same weights).
+    assert m1["train/sampler_logp_abs_diff"] < 1e-4
     for key in ("rlcsd/e_ctr_mean", "rlcsd/selected_token_ratio", "train/entropy",
                 "train/grad_norm", "time/sample", "time/score", "time/update"):
         assert key in m2, key

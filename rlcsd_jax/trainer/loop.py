@@ -155,6 +155,10 @@ class Trainer:
                                                  jnp.asarray(nan), spec=spec)
             mets = jax.device_get(mets)
             mets["entropy"] = _masked_mean(sb["entropy"], sb["response_mask"])
+            # Sampler vs trainer log-probs of the same tokens at the same weights: should be ~0
+            # (fp32) / small (bf16); a large value means a mis-aligned or mismatched forward.
+            mets["sampler_logp_abs_diff"] = _masked_mean(
+                jnp.abs(sb["old_logp"] - sb["sampler_logp"]), sb["response_mask"])
             if spec.teacher_mode is not None:
                 mets["teacher_prompt_truncated_tokens"] = float(np.sum(truncated))
             out.append(mets)

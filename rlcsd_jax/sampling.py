@@ -181,8 +181,10 @@ def _decode(graphdef, params, state, static: _Static):
     steps = jnp.arange(tokens.shape[1])
     first_eos = jnp.min(jnp.where(is_eos, steps, tokens.shape[1]), axis=-1)
     lengths = jnp.minimum(first_eos + 1, tokens.shape[1])
+    # The final loop state is returned (and dropped by the caller) so the donated input
+    # buffers, the KV cache above all, alias it: XLA reuses them instead of copying.
     return dict(tokens=tokens, logprobs=state["logprobs"], lengths=lengths,
-                truncated=first_eos >= tokens.shape[1])
+                truncated=first_eos >= tokens.shape[1], final_state=state)
 
 
 prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "static"))
@@ -219,7 +221,9 @@ def generate_arrays(model_or_graphdef, params, input_ids, attention_mask, key, *
     PREFILL_CALLS["count"] += 1
     PREFILL_CALLS["rows"] += int(input_ids.shape[0])
     state = prefill_jit(graphdef, params, input_ids, attention_mask, key, static)
-    return decode_jit(graphdef, params, state, static)
+    out = decode_jit(graphdef, params, state, static)
+    del out["final_state"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,16 @@ from rlcsd_jax.trainer import loop, rollout
 PATTERN = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
 
 
-def install(setattr_fn=None):
-    """Patch rollout decoding (setattr_fn: pytest's monkeypatch.setattr, or plain setattr)."""
+def flip(answer: str) -> str:
+    """Every knight a knave and vice versa: wrong for a puzzle with a unique solution."""
+    return answer.replace("knight", "\0").replace("knave", "knight").replace("\0", "knave")
+
+
+def install(setattr_fn=None, pattern=PATTERN):
+    """Patch rollout decoding so group p's j-th answer is correct iff pattern[p][j] (cycled).
+
+    setattr_fn: pytest's monkeypatch.setattr, or plain setattr (subprocess drivers).
+    """
     setattr_fn = setattr_fn or setattr
     state = {}
     real_sample = rollout.sample
@@ -25,8 +33,8 @@ def install(setattr_fn=None):
         texts = []
         for p, rec in enumerate(records):
             for j in range(g):
-                ok = PATTERN[p % len(PATTERN)][j % 4]
-                ans = rec.ground_truth if ok else rec.ground_truth.replace("knight", "KNAVE_X")
+                ok = pattern[p % len(pattern)][j % len(pattern[0])]
+                ans = rec.ground_truth if ok else flip(rec.ground_truth)
                 texts.append(f"reasoning {p}.{j} \\boxed{{{ans}}}")
         return texts
 

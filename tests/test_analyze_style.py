@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from rlcsd_jax import analyze_style, losses
-from rlcsd_jax.trainer import batches, rollout, update
+import fake_rollouts
+from rlcsd_jax.trainer import batches, update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -42,33 +43,9 @@ def tiny_config():
     return c
 
 
-def _flip(answer):
-    """Every knight a knave and vice versa: wrong for a puzzle with a unique solution."""
-    return answer.replace("knight", "\0").replace("knave", "knight").replace("\0", "knave")
-
-
 def script_texts(monkeypatch, pattern):
     """Decoded texts follow `pattern` (boxed GT answer or a boxed wrong answer)."""
-    state = {}
-    real_sample = rollout.sample
-
-    def decode(tokenizer, tokens, lengths):
-        recs = state["records"]
-        g = len(tokens) // len(recs)
-        out = []
-        for p, rec in enumerate(recs):
-            for j in range(g):
-                ok = pattern[p % len(pattern)][j % len(pattern[0])]
-                ans = rec.ground_truth if ok else _flip(rec.ground_truth)
-                out.append(f"thinking {p}.{j} \\boxed{{{ans}}}")
-        return out
-
-    def sample(generate_fn, tokenizer, encoder, records, key, **kw):
-        state["records"] = list(records)
-        return real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
-
-    monkeypatch.setattr(rollout, "decode", decode)
-    monkeypatch.setattr(rollout, "sample", sample)
+    fake_rollouts.install(monkeypatch.setattr, pattern)
 
 
 @pytest.fixture(scope="module")

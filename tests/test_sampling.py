@@ -9,8 +9,6 @@ import pytest
 from hf_fixtures import olmo3_config, qwen3_config, save_hf_model
 from rlcsd_jax import models, sampling, sharding
 
-pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-
 
 @pytest.fixture(scope="module", params=["qwen3", "olmo3"])
 def pair(request, tmp_path_factory):

@@ -39,7 +39,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Rollouts (§1.3): G samples per prompt, 64 prompts per training step.
     c.rollout = ml_collections.ConfigDict(dict(
         group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
-        top_k=20, memory_limit_gb=0.0,
+        top_k=20,
+        memory_limit_gb=0.0,                # >0: KV-cache budget per rollout batch (clear error)
         prompt_buckets=()))                # prompt length buckets; () = powers of two
 
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.

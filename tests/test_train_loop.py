@@ -135,3 +135,11 @@ def test_sharded_run_matches_single_device(tmp_path, fake_texts):
         for key in ("train/reward_mean", "train/loss", "train/grad_norm", "rlcsd/e_ctr_mean",
                     "rlcsd/selected_token_ratio", "train/entropy"):
             np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=1e-5, err_msg=key)
+
+
+def test_rollout_cache_budget_is_checked(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.rollout.memory_limit_gb = 1e-6
+    tr = loop.Trainer(cfg, str(tmp_path))
+    with pytest.raises(MemoryError, match="KV cache needs"):
+        tr.train_step(next(tr.iterator))

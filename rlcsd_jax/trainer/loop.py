@@ -73,7 +73,13 @@ class Trainer:
     def generate_fn(self, options: sampling.SamplingOptions, max_new_tokens: int):
         params = self.sampling_params()
 
+        limit = self.cfg.rollout.memory_limit_gb * 2**30 or None
+
         def fn(ids, mask, key, num_samples):
+            # Fail with the numbers before XLA would run out of memory mid-run.
+            sampling.check_cache_memory(self.model_config, ids.shape[0] * num_samples,
+                                        ids.shape[1] + max_new_tokens, limit,
+                                        dtype=self.cfg.model.dtype)
             ids, mask = self.put((ids, mask))
             return sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,

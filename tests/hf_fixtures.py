@@ -68,5 +68,21 @@ def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None, positions=
     return out.logits.float().numpy()
 
 
+def padded_batch(seqs, width, side):
+    """Rows padded on `side` to `width` -> (ids [B, width], mask [B, width])."""
+    ids = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl], mask[i, sl] = s, 1
+    return ids, mask
+
+
+def real_rows(logits, seqs, width, side):
+    """The unpadded part of each row of `logits` [B, width, ...]."""
+    return [logits[i, :len(s)] if side == "right" else logits[i, width - len(s):]
+            for i, s in enumerate(seqs)]
+
+
 def files(d):
     return sorted(os.listdir(d))

@@ -19,7 +19,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 

@@ -8,7 +8,7 @@ Tiny configs with an 8-layer 3:1 sliding/full pattern, window 16 and YaRN with o
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_logits, olmo3_config, save_hf_model
+from hf_fixtures import hf_logits, olmo3_config, padded_batch, save_hf_model
 from rlcsd_jax import models
 from rlcsd_jax.models import hf_compat
 
@@ -49,11 +49,7 @@ def test_fp32_logits_and_hidden_states_match_hf(olmo_pair, side):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 128, size=n) for n in LENGTHS]
     width = max(LENGTHS)
-    ids = np.zeros((len(seqs), width), np.int32)
-    mask = np.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, sl], mask[i, sl] = s, 1
+    ids, mask = padded_batch(seqs, width, side)
     _, _, per_layer = model.hidden_states(ids, mask, return_all=True)
     logits = np.asarray(model(ids, attention_mask=mask))
     per_layer = np.asarray(per_layer)

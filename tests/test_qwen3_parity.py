@@ -8,7 +8,7 @@ by >1e-2).  bf16 compute is judged the way MaxText does: argmax agreement and pe
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_logits, qwen3_config, save_hf_model
+from hf_fixtures import hf_logits, padded_batch, qwen3_config, real_rows, save_hf_model
 from rlcsd_jax import models
 
 LENGTHS = [256, 131, 40, 7]
@@ -20,20 +20,6 @@ def qwen3_pair(request, tmp_path_factory):
     # Sharded into several files so the index.json path is exercised.
     hf = save_hf_model(qwen3_config(tied=request.param == "tied"), d, max_shard_size="40KB")
     return hf, d
-
-
-def padded_batch(seqs, width, side):
-    ids = np.zeros((len(seqs), width), np.int32)
-    mask = np.zeros((len(seqs), width), np.int32)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, sl], mask[i, sl] = s, 1
-    return ids, mask
-
-
-def real_rows(logits, seqs, width, side):
-    return [logits[i, :len(s)] if side == "right" else logits[i, width - len(s):]
-            for i, s in enumerate(seqs)]
 
 
 def test_checkpoint_is_sharded(qwen3_pair):

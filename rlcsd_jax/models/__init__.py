@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from rlcsd_jax.models import olmo3, qwen3
@@ -24,7 +23,7 @@ PRESETS: dict[str, ModelConfig] = {**qwen3.PRESETS, **olmo3.PRESETS}
 
 __all__ = ["CausalLM", "CheckpointError", "FULL", "KVCache", "ModelConfig", "PRESETS",
            "REMAT_POLICIES", "RopeConfig", "SLIDING", "abstract_model", "build", "from_hf_config",
-           "get_preset", "load", "load_pretrained", "num_params", "positions_from_mask", "save_pretrained",
+           "get_preset", "load", "load_hf_config_dict", "load_pretrained", "num_params", "positions_from_mask", "save_pretrained",
            "to_hf_config"]
 
 

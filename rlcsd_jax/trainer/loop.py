@@ -19,6 +19,7 @@ import numpy as np
 
 from rlcsd_jax import sampling
 from rlcsd_jax.data.iterator import BatchIterator
+from rlcsd_jax.data.tokenizer import load_tokenizer
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import evaluation, rollout, setup, state as state_lib
 from rlcsd_jax.trainer import update as update_lib
@@ -31,7 +32,7 @@ class Trainer:
         self.cfg, self.workdir = cfg, workdir
         self.mesh = setup.make_mesh(cfg)
         self.tok_dir = setup.tokenizer_dir(cfg, workdir)
-        self.tokenizer = setup.load_tokenizer(self.tok_dir)
+        self.tokenizer = load_tokenizer(self.tok_dir)
         self.pad_id = setup.pad_id(self.tokenizer)
         self.eos_ids = setup.stop_ids(cfg, self.tokenizer, self.tok_dir)
         self.encoder = rollout.PromptEncoder(self.tokenizer, cfg.data.enable_thinking)
@@ -89,7 +90,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, records) -> dict:
-        cfg, spec = self.cfg, self.spec
+        cfg = self.cfg
         t0 = time.perf_counter()
         options = sampling.SamplingOptions(cfg.rollout.temperature, cfg.rollout.top_k,
                                            cfg.rollout.top_p)

@@ -26,7 +26,8 @@ def _host_state(tr: Trainer, extra: dict) -> dict:
 
 def run(cfg, workdir: str) -> dict:
     """Train according to `cfg`; returns the final summary dict (also written to the workdir)."""
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    if "://" not in workdir:  # gs:// workdirs are created by the writers themselves
+        os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     tr = Trainer(cfg, workdir)
     is_host0 = jax.process_index() == 0

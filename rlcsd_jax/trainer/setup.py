@@ -17,7 +17,7 @@ from rlcsd_jax import losses, models, sharding
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data import readers
 from rlcsd_jax.data.records import Record
-from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from rlcsd_jax.data.tokenizer import build_tiny_tokenizer
 from rlcsd_jax.trainer.update import StepSpec
 
 ALLOWED_AGGREGATIONS = ("per_rollout", "batch")

@@ -408,10 +408,9 @@ def main(argv) -> int:
     if cfg is None or not _CHECKPOINT.value or not _OUT.value:
         raise app.UsageError("--config, --checkpoint and --out are required")
     logging.getLogger().setLevel(logging.INFO)
-    if cfg.distributed or os.environ.get("RLCSD_DISTRIBUTED") == "1":
-        import jax
+    from rlcsd_jax import multihost
 
-        jax.distributed.initialize()
+    multihost.initialize(cfg.distributed)   # before any JAX computation
     import jax
 
     results = evaluate_checkpoint(cfg, _CHECKPOINT.value, step=_STEP.value, name=_NAME.value,

@@ -209,10 +209,14 @@ def build_group_hints(group: Group, *, rng: np.random.Generator, source: str = "
     return out
 
 
-def build_hints(groups: Sequence[Group], *, rng: np.random.Generator,
+def build_hints(groups: Sequence[Group], *,
+                rng: np.random.Generator | Sequence[np.random.Generator],
                 source: str = "self_rollout", k_max: int = 4,
                 single_wrong: bool = False) -> HintBatch:
     """§2.3 for a whole batch. ``single_wrong=True`` for opsd_ectr / rlsd_ectr.
+
+    ``rng``: one generator drawn from group after group, or one generator per group (the
+    trainer's choice: a group's draws then do not depend on which host or batch it is in).
 
     Stats (prefix them with the method name when logging, e.g. ``rlcsd/``):
       * ``group_count``, ``valid_group_count``, ``valid_group_ratio``: groups with ≥ 1 kept
@@ -235,34 +239,55 @@ def build_hints(groups: Sequence[Group], *, rng: np.random.Generator,
     counters: dict[str, int] = {}
     targets: list[TargetHints] = []
     valid_groups = 0
+    rngs = [rng] * len(groups) if isinstance(rng, np.random.Generator) else list(rng)
+    if len(rngs) != len(groups):
+        raise ValueError(f"got {len(rngs)} generators for {len(groups)} groups")
     for g, group in enumerate(groups):
         _check_group(g, group)
-        group_targets = build_group_hints(group, rng=rng, source=source, k_max=k_max,
+        group_targets = build_group_hints(group, rng=rngs[g], source=source, k_max=k_max,
                                           single_wrong=single_wrong, counters=counters)
         valid_groups += any(t.kept for t in group_targets)
         targets.extend(group_targets)
     kept = [t for t in targets if t.kept]
     n_groups = len(groups)
-
-    def mean(values):
-        return float(np.mean(values)) if values else 0.0
-
-    stats = {
+    counts = {
         "group_count": float(n_groups),
         "valid_group_count": float(valid_groups),
-        "valid_group_ratio": valid_groups / max(n_groups, 1),
-        "aborted_ratio": (n_groups - valid_groups) / max(n_groups, 1),
         "sample_count": float(len(targets)),
         "valid_sample_count": float(len(kept)),
-        "skipped_sample_count": float(len(targets) - len(kept)),
-        "kept_ratio": len(kept) / max(len(targets), 1),
         "all_same_outcome_group_count": float(counters.get("all_same_outcome_group_count", 0)),
         "self_negative_missing_boxed_count": float(
             counters.get("self_negative_missing_boxed_count", 0)),
         "self_excluded_sampling_skip_count": float(
             counters.get("self_excluded_sampling_skip_count", 0)),
-        "correct_pool_size_mean": mean([t.correct_pool_size for t in kept]),
-        "wrong_pool_size_mean": mean([t.wrong_pool_size for t in kept]),
-        "k_mean": mean([len(t.wrong_hints) for t in kept]),
+        # Sums over kept targets; merge_stats turns them into the *_mean stats.
+        "correct_pool_size_sum": float(sum(t.correct_pool_size for t in kept)),
+        "wrong_pool_size_sum": float(sum(t.wrong_pool_size for t in kept)),
+        "k_sum": float(sum(len(t.wrong_hints) for t in kept)),
     }
-    return HintBatch(targets=targets, stats=stats)
+    return HintBatch(targets=targets, stats=merge_stats([counts]))
+
+
+def merge_stats(parts: Sequence[dict]) -> dict:
+    """Batch stats from per-part counts (e.g. one part per host): counts add up, ratios and
+    means are recomputed from the totals, so merging equals building the stats in one go."""
+    total = {k: float(sum(p[k] for p in parts)) for k in _COUNT_KEYS}
+    n_groups, valid_groups = total["group_count"], total["valid_group_count"]
+    n_targets, n_kept = total["sample_count"], total["valid_sample_count"]
+    return {
+        **{k: v for k, v in total.items() if not k.endswith("_sum")},
+        "valid_group_ratio": valid_groups / max(n_groups, 1),
+        "aborted_ratio": (n_groups - valid_groups) / max(n_groups, 1),
+        "skipped_sample_count": n_targets - n_kept,
+        "kept_ratio": n_kept / max(n_targets, 1),
+        "correct_pool_size_mean": total["correct_pool_size_sum"] / max(n_kept, 1),
+        "wrong_pool_size_mean": total["wrong_pool_size_sum"] / max(n_kept, 1),
+        "k_mean": total["k_sum"] / max(n_kept, 1),
+        **{k: v for k, v in total.items() if k.endswith("_sum")},
+    }
+
+
+_COUNT_KEYS = ("group_count", "valid_group_count", "sample_count", "valid_sample_count",
+               "all_same_outcome_group_count", "self_negative_missing_boxed_count",
+               "self_excluded_sampling_skip_count", "correct_pool_size_sum",
+               "wrong_pool_size_sum", "k_sum")

@@ -117,6 +117,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     """Place every parameter of `model` with its rule-table sharding (in place); returns model."""
     params = nnx.state(model, nnx.Param)
+    if jax.process_count() > 1:
+        # Arrays on one local device cannot be put on other hosts' devices; every process
+        # holds the same values (same seed), so each places its own shards from host memory.
+        params = jax.device_get(params)
     nnx.update(model, jax.device_put(params, param_shardings(params, mesh, rules)))
     return model
 

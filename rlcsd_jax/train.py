@@ -5,13 +5,14 @@
 
 The workdir holds checkpoints (resumed automatically), metrics (TensorBoard, metrics.jsonl) and
 summary.json.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
-called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1.
+called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1 (off TPU,
+also set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID; see
+`rlcsd_jax.multihost.initialize`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -41,10 +42,9 @@ def main(argv) -> int:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger().setLevel(logging.INFO)
     quiet_library_logs()
-    if cfg.distributed or os.environ.get("RLCSD_DISTRIBUTED") == "1":
-        import jax
+    from rlcsd_jax import multihost
 
-        jax.distributed.initialize()
+    multihost.initialize(cfg.distributed)   # before any JAX computation
     from rlcsd_jax.trainer import run as run_lib
 
     summary = run_lib.run(cfg, _WORKDIR.value)

@@ -18,10 +18,12 @@ def flip(answer: str) -> str:
     return answer.replace("knight", "\0").replace("knave", "knight").replace("\0", "knave")
 
 
-def install(setattr_fn=None, pattern=PATTERN):
+def install(setattr_fn=None, pattern=PATTERN, by_record_index=False):
     """Patch rollout decoding so group p's j-th answer is correct iff pattern[p][j] (cycled).
 
     setattr_fn: pytest's monkeypatch.setattr, or plain setattr (subprocess drivers).
+    by_record_index: key the pattern by the record's dataset index instead of the group's
+      position in the batch (a process holds only its block of the batch in multi-host runs).
     """
     setattr_fn = setattr_fn or setattr
     state = {}
@@ -32,10 +34,12 @@ def install(setattr_fn=None, pattern=PATTERN):
         g = len(tokens) // len(records)
         texts = []
         for p, rec in enumerate(records):
+            key = rec.index if by_record_index else p
+            row = pattern[key % len(pattern)]
             for j in range(g):
-                ok = pattern[p % len(pattern)][j % len(pattern[0])]
+                ok = row[j % len(row)]
                 ans = rec.ground_truth if ok else flip(rec.ground_truth)
-                texts.append(f"reasoning {p}.{j} \\boxed{{{ans}}}")
+                texts.append(f"reasoning {key}.{j} \\boxed{{{ans}}}")
         return texts
 
     def sample(generate_fn, tokenizer, encoder, records, key, **kw):

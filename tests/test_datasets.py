@@ -235,6 +235,24 @@ def test_drop_last_cuts_the_epoch_to_whole_global_batches(process_count):
     assert len(seen) == len(set(seen)) == 50 // global_batch * global_batch
 
 
+@pytest.mark.parametrize("process_count", [2, 4])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_global_batch_does_not_depend_on_the_process_count(process_count, drop_last):
+    # Multi-host training relies on it: the processes' batches concatenated in process order
+    # are the single-process batch, so a run's data (and its results) do not change with the
+    # number of hosts.
+    records = _records(50)
+    kw = dict(seed=3, shuffle=True, num_epochs=1, drop_last=drop_last)
+    single = [[r.index for r in b] for b in BatchIterator(records, 4 * process_count,
+                                                          process_index=0, process_count=1, **kw)]
+    per_process = [[[r.index for r in b] for b in BatchIterator(
+        records, 4, process_index=p, process_count=process_count, **kw)]
+        for p in range(process_count)]
+    joined = [sum((per_process[p][i] for p in range(process_count)
+                   if i < len(per_process[p])), []) for i in range(len(per_process[0]))]
+    assert joined == single
+
+
 def test_shuffle_is_deterministic_per_seed_and_epoch():
     records = _records(20)
 

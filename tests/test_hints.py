@@ -175,6 +175,24 @@ def test_stats_and_kept_indices():
     assert empty.stats["valid_group_ratio"] == 0.0 and empty.kept_indices.size == 0
 
 
+def test_per_group_generators_and_merged_stats_do_not_depend_on_the_split():
+    # Multi-host training builds hints per host on its own groups, with one generator per
+    # group: the hints and the merged stats must equal building them for the whole batch.
+    groups = [group([1, 1, 0, 0, 0, 0]), group([1, 0, 0, 0, 0, 0]), group([1, 1, 1, 1, 1, 1]),
+              group([0, 1, 1, 0, 1, 0])]
+    rngs = lambda idx: [np.random.default_rng([5, i]) for i in idx]  # noqa: E731
+    whole = hints.build_hints(groups, rng=rngs(range(4)))
+    parts = [hints.build_hints(groups[:2], rng=rngs(range(2))),
+             hints.build_hints(groups[2:], rng=rngs(range(2, 4)))]
+    assert whole.targets == parts[0].targets + parts[1].targets
+    merged = hints.merge_stats([p.stats for p in parts])
+    assert merged.keys() == whole.stats.keys()
+    for k, v in whole.stats.items():
+        assert merged[k] == pytest.approx(v), k
+    with pytest.raises(ValueError, match="3 generators for 4 groups"):
+        hints.build_hints(groups, rng=rngs(range(3)))
+
+
 def test_sources_aliases_and_errors():
     for alias in ("self", "rollout", "Self-Rollout", "self_rollout"):
         assert hints.normalize_hint_source(alias) == "self_rollout"

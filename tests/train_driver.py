@@ -1,6 +1,12 @@
 """`python -m rlcsd_jax.train` with the fake answers of fake_rollouts (resume / preemption
-tests run it as a subprocess so they can SIGKILL / SIGTERM a real training process)."""
+tests run it as a subprocess so they can SIGKILL / SIGTERM a real training process; the
+multi-host test runs several of them).
 
+RLCSD_TEST_FAKE_PATTERN (JSON list of per-group 0/1 lists) replaces the default pattern and keys
+it by the record's dataset index.
+"""
+
+import json
 import os
 import sys
 
@@ -29,7 +35,11 @@ def _slow_steps(seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    fake_rollouts.install()
+    if os.environ.get("RLCSD_TEST_FAKE_PATTERN"):
+        fake_rollouts.install(pattern=json.loads(os.environ["RLCSD_TEST_FAKE_PATTERN"]),
+                              by_record_index=True)
+    else:
+        fake_rollouts.install()
     if os.environ.get("RLCSD_TEST_STEP_SLEEP"):
         _slow_steps(float(os.environ["RLCSD_TEST_STEP_SLEEP"]))
     app.run(lambda argv: sys.exit(train.main(argv)))

@@ -3,9 +3,12 @@
 Epoch e visits the records in ``permutation(seed, e)`` order (or file order with
 ``shuffle=False``, which is what the reference trains with: verl ``data.shuffle=False``).  The
 epoch order is cut to a multiple of the global batch (``batch_size × process_count``) when
-``drop_last``; process p then takes positions ``p, p + P, p + 2P, …`` of it, so the shards are
-disjoint, together cover the (cut) epoch, and every process yields the same number of batches —
-which multi-host training needs.  ``batch_size`` is per process.
+``drop_last``; in each global batch, process p takes the p-th contiguous block of
+``batch_size`` records.  So the shards are disjoint, together cover the (cut) epoch, every
+process yields the same number of batches (which multi-host training needs), and the processes'
+batches concatenated in process order are exactly the batch a single process with
+``batch_size × process_count`` would see: a run's global batch does not depend on how many
+hosts it runs on.  ``batch_size`` is per process.
 
 The position is two plain ints, ``{"epoch", "batch"}`` (batches already yielded in the epoch);
 ``set_state`` on a fresh iterator built with the same arguments resumes at the same record.
@@ -80,10 +83,14 @@ class BatchIterator:
         if self._shard_cache is not None and self._shard_cache[0] == epoch:
             return self._shard_cache[1]
         order = self.epoch_order(epoch)
-        if self.drop_last:
-            global_batch = self.batch_size * self.process_count
-            order = order[: len(order) // global_batch * global_batch]
-        shard = order[self.process_index :: self.process_count]
+        global_batch = self.batch_size * self.process_count
+        full = len(order) // global_batch * global_batch
+        blocks = order[:full].reshape(-1, self.process_count, self.batch_size)
+        shard = blocks[:, self.process_index].reshape(-1)
+        if not self.drop_last:  # the partial last global batch, cut the same way
+            tail = order[full:]
+            lo = self.process_index * self.batch_size
+            shard = np.concatenate([shard, tail[lo:lo + self.batch_size]])
         self._shard_cache = (epoch, shard)
         return shard
 

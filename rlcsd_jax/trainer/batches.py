@@ -66,12 +66,13 @@ def minibatch_rows(kept: np.ndarray, size: int) -> list[np.ndarray]:
 
 def student_batch(rollouts: Rollouts, rows: np.ndarray, size: int, ids_full: np.ndarray,
                   mask_full: np.ndarray) -> dict:
-    """Student arrays for `rows`, padded to `size` rows with zero-mask copies of row rows[0].
+    """Student arrays for `rows`, padded to `size` rows with zero-mask copies of row rows[0]
+    (of row 0 when `rows` is empty: a host with no survivors still joins the global step).
 
     ids_full / mask_full: [R, Pb + N] prompt (left-padded) + response, built once per step.
     """
     pad = size - len(rows)
-    idx = np.concatenate([rows, np.full(pad, rows[0])]).astype(np.int64)
+    idx = np.concatenate([rows, np.full(pad, rows[0] if len(rows) else 0)]).astype(np.int64)
     live = np.arange(size) < len(rows)
     resp_mask = rollouts.response_mask()[idx] * live[:, None]
     pb = rollouts.prompt_ids.shape[1]
@@ -105,3 +106,14 @@ def teacher_arrays(rollouts: Rollouts, contexts: Contexts, chunk_positions: np.n
     return dict(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
                 response_start=tb.prompt_lens, wrong_valid=tb.wrong_valid,
                 truncated_prompt_tokens=tb.prompt_tokens_truncated)
+
+
+def widen(arrays: dict, width: int, pad_id: int) -> dict:
+    """Right-pad the [C, B, S] teacher rows to `width` columns (every host's block of a global
+    batch needs the same S; padding columns are masked out)."""
+    extra = width - arrays["input_ids"].shape[-1]
+    if extra <= 0:
+        return arrays
+    pad = [(0, 0), (0, 0), (0, extra)]
+    return dict(arrays, input_ids=np.pad(arrays["input_ids"], pad, constant_values=pad_id),
+                attention_mask=np.pad(arrays["attention_mask"], pad))

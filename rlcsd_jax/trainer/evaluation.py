@@ -5,21 +5,29 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlcsd_jax import sampling
+from rlcsd_jax import multihost, sampling
 from rlcsd_jax.trainer import rollout
 
 
-def rollout_metrics(ro: rollout.Rollouts, num_kept: int) -> dict:
-    """Reward / accuracy per source / lengths / truncation of one step's rollouts."""
-    lengths = ro.lengths.astype(np.float64)
-    m = {"train/reward_mean": float(ro.rewards.mean()),
+def rollout_metrics(ro: rollout.Rollouts, num_kept: int, source_names: list[str]) -> dict:
+    """Reward / accuracy per source / lengths / truncation of one step's rollouts, over the
+    GLOBAL batch (each process holds its block of `ro`; per-row values are all-gathered).
+
+    source_names: every data source of the training set, the same list on every process.
+    """
+    rewards = multihost.allgather(ro.rewards).astype(np.float64)
+    lengths = multihost.allgather(ro.lengths).astype(np.float64)
+    truncated = multihost.allgather(ro.truncated)
+    index = {name: i for i, name in enumerate(source_names)}
+    sources = multihost.allgather(np.asarray(
+        [index[r.data_source] for r in ro.records for _ in range(ro.group_size)], np.int32))
+    m = {"train/reward_mean": float(rewards.mean()),
          "train/response_length_mean": float(lengths.mean()),
          "train/response_length_max": float(lengths.max()),
-         "train/truncation_ratio": float(ro.truncated.mean()),
-         "train/kept_ratio": num_kept / max(len(ro.texts), 1)}
-    for source, acc in rollout.per_source_accuracy(ro.records, ro.rewards,
-                                                   ro.group_size).items():
-        m[f"train/acc/{source}"] = acc
+         "train/truncation_ratio": float(truncated.mean()),
+         "train/kept_ratio": multihost.global_sum(num_kept) / max(len(rewards), 1)}
+    for i in sorted(set(sources.tolist())):
+        m[f"train/acc/{source_names[i]}"] = float(rewards[sources == i].mean())
     return m
 
 
@@ -50,17 +58,20 @@ def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, nu
     """Sample `num_samples` answers per eval problem and score them: `eval/<source>`,
     `eval/avg`, `eval/response_length_mean`."""
     all_rewards, lengths = [], []
+    count = jax.process_count()
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]
-        # Pad the last chunk with copies so the batch shape (and compiled program) is reused.
-        padded = chunk + [chunk[0]] * (batch_prompts - len(chunk)) if len(records) > len(
-            chunk) else chunk
-        ro = rollout.sample(generate_fn, tokenizer, encoder, padded,
+        # Pad the last chunk with copies so the batch shape (and compiled program) is reused,
+        # and so that it splits into equal per-process blocks.
+        size = batch_prompts if len(records) > len(chunk) else -(-len(chunk) // count) * count
+        padded = chunk + [chunk[0]] * (size - len(chunk))
+        mine = padded[multihost.block(len(padded))]   # this process samples and grades its block
+        ro = rollout.sample(generate_fn, tokenizer, encoder, mine,
                             jax.random.key(seed + start), group_size=num_samples,
                             buckets=buckets, pad_id=pad_id)
         n = len(chunk) * num_samples
-        all_rewards.append(ro.rewards[:n])
-        lengths.append(ro.lengths[:n])
+        all_rewards.append(multihost.allgather(ro.rewards)[:n])
+        lengths.append(multihost.allgather(ro.lengths)[:n])
     scores = mean_at_k(records, np.concatenate(all_rewards), num_samples)
     out = {f"eval/{k}": v for k, v in scores.items()}
     out["eval/response_length_mean"] = float(np.concatenate(lengths).mean())

@@ -5,6 +5,10 @@
        teacher scoring with the teacher weights of that moment -> loss -> AdamW step
        -> teacher EMA / snapshot update
 A step whose rollouts are all dropped makes no update and does not advance the schedule.
+
+Multi-host (see `rlcsd_jax.multihost`): each process owns a contiguous block of the step's
+prompts and does the host work (decoding, rewards, hints, packing) for its block; device work
+runs on global arrays over the whole mesh; metrics are reduced over all processes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlcsd_jax import sampling
+from rlcsd_jax import hints as hints_lib
+from rlcsd_jax import multihost, sampling
 from rlcsd_jax.data.iterator import BatchIterator
 from rlcsd_jax.data.tokenizer import load_tokenizer
 from rlcsd_jax.trainer import batches as batches_lib
@@ -31,6 +36,7 @@ class Trainer:
         setup.check_config(cfg)
         self.cfg, self.workdir = cfg, workdir
         self.mesh = setup.make_mesh(cfg)
+        setup.check_processes(cfg, self.mesh)
         self.tok_dir = setup.tokenizer_dir(cfg, workdir)
         self.tokenizer = load_tokenizer(self.tok_dir)
         self.pad_id = setup.pad_id(self.tokenizer)
@@ -40,30 +46,27 @@ class Trainer:
         self.model_config = model.config
         self.graphdef, params = setup.split_model(model)
         self.train_records, self.eval_records = setup.load_data(cfg, self.tokenizer)
-        self.iterator = BatchIterator(self.train_records, cfg.rollout.prompts_per_step,
+        self.source_names = sorted({r.data_source for r in self.train_records})
+        # Per process: its block of every global batch of prompts_per_step prompts.
+        self.iterator = BatchIterator(self.train_records,
+                                      cfg.rollout.prompts_per_step // jax.process_count(),
                                       seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.spec = setup.step_spec(cfg, cfg.rollout.max_new_tokens)
-        self.minibatch_rows = cfg.train.minibatch_prompts * cfg.rollout.group_size
+        self.minibatch_rows = cfg.train.minibatch_prompts * cfg.rollout.group_size  # global
         setup.check_mesh_batch(self.mesh, self.minibatch_rows, "a mini-batch")
+        self.local_minibatch_rows = self.minibatch_rows // jax.process_count()
         self.need_ref = dict(self.spec.hparams).get("kl_coef", 0.0) > 0
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
         self.step = 0                 # training steps attempted (data / RNG position)
         self.prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
         self.teacher_buckets = tuple(cfg.train.teacher_buckets) or None
-        self.batch_sharding = jax.sharding.NamedSharding(
-            self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
     # ------------------------------------------------------------------------------------------
     def put(self, tree, leading_axis: int = 0):
-        """Place host arrays with their batch axis over ('data', 'fsdp')."""
-        def put(x):
-            spec = [None] * np.ndim(x)
-            if np.ndim(x) > leading_axis:
-                spec[leading_axis] = ("data", "fsdp")
-            return jax.device_put(x, jax.sharding.NamedSharding(
-                self.mesh, jax.sharding.PartitionSpec(*spec)))
-        return jax.tree.map(put, tree)
+        """This process's block of a global batch (host arrays) -> global arrays with the batch
+        axis over ('data', 'fsdp')."""
+        return multihost.to_global(tree, self.mesh, leading_axis)
 
     def sampling_params(self):
         """Compute-dtype copy of the weights for decoding (halves the bytes read per token)."""
@@ -77,15 +80,17 @@ class Trainer:
         limit = self.cfg.rollout.memory_limit_gb * 2**30 or None
 
         def fn(ids, mask, key, num_samples):
+            """This process's prompts [P_local, Pb] -> its rows of the samples (host arrays)."""
             # Fail with the numbers before XLA would run out of memory mid-run.
-            sampling.check_cache_memory(self.model_config, ids.shape[0] * num_samples,
-                                        ids.shape[1] + max_new_tokens, limit,
-                                        dtype=self.cfg.model.dtype)
+            sampling.check_cache_memory(
+                self.model_config, ids.shape[0] * jax.process_count() * num_samples,
+                ids.shape[1] + max_new_tokens, limit, dtype=self.cfg.model.dtype)
             ids, mask = self.put((ids, mask))
-            return sampling.generate_arrays(
+            out = sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
                 num_samples=num_samples, options=options, eos_ids=self.eos_ids,
                 pad_id=self.pad_id, mesh=self.mesh)
+            return multihost.to_host_local(out, self.mesh)
         return fn
 
     # ------------------------------------------------------------------------------------------
@@ -100,20 +105,21 @@ class Trainer:
                             group_size=cfg.rollout.group_size, buckets=self.prompt_buckets,
                             pad_id=self.pad_id)
         t_sample = time.perf_counter()
-        ctx = batches_lib.build_contexts(cfg.method, ro, self.encoder,
-                                         setup.seed_rng(cfg.seed, self.step),
+        rngs = setup.group_rngs(cfg.seed, self.step, jax.process_index() * len(records),
+                                len(records))
+        ctx = batches_lib.build_contexts(cfg.method, ro, self.encoder, rngs,
                                          hint_source=cfg.teacher.correct_privileged_hint_source,
                                          k_max=cfg.teacher.k_max)
-        metrics = evaluation.rollout_metrics(ro, len(ctx.kept))
-        metrics.update(ctx.stats)
+        metrics = evaluation.rollout_metrics(ro, len(ctx.kept), self.source_names)
+        metrics.update(_global_hint_stats(ctx.stats, cfg.method))
         loss_metrics, times = [], {"score": 0.0, "update": 0.0}
-        if len(ctx.kept):
+        if multihost.global_sum(len(ctx.kept)):
             loss_metrics = self._update(ro, ctx, times)
             self.state = dataclasses.replace(self.state, train_step=self.state.train_step + 1)
         else:
             logging.info("step %d: every rollout was dropped; no update", self.step)
         metrics.update(evaluation.mean_metrics(loss_metrics))
-        tokens = int(ro.lengths.sum())
+        tokens = int(multihost.global_sum(ro.lengths.sum()))
         total = time.perf_counter() - t0
         metrics.update({"time/sample": t_sample - t0, "time/score": times["score"],
                         "time/update": times["update"], "time/step": total,
@@ -124,9 +130,13 @@ class Trainer:
         return metrics
 
     def _update(self, ro, ctx, times) -> list[dict]:
-        cfg, spec, m = self.cfg, self.spec, self.minibatch_rows
+        cfg, spec, m = self.cfg, self.spec, self.local_minibatch_rows
         ids_full, mask_full = batches_lib.full_student_rows(ro)
         chunks = batches_lib.minibatch_rows(ctx.kept, m)
+        # Every process takes part in every mini-batch; one with fewer survivors adds empty
+        # (zero-mask) blocks.  Mini-batch j is the union of the processes' j-th blocks.
+        empty = np.zeros(0, np.int64)
+        chunks += [empty] * (multihost.global_max(len(chunks)) - len(chunks))
         lr = state_lib.learning_rate(int(jax.device_get(self.state.train_step)), cfg.train.lr,
                                      cfg.train.warmup_steps)
         t = time.perf_counter()
@@ -148,6 +158,8 @@ class Trainer:
                     ro, ctx, np.arange(pos, pos + len(rows)), rows, m, k_slots=k_slots,
                     max_len=cfg.train.teacher_max_len, pad_id=self.pad_id,
                     buckets=self.teacher_buckets)
+                tb = batches_lib.widen(tb, multihost.global_max(tb["input_ids"].shape[-1]),
+                                       self.pad_id)
                 truncated = tb.pop("truncated_prompt_tokens")
                 wrong_valid = self.put(tb.pop("wrong_valid"))
                 tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
@@ -159,15 +171,11 @@ class Trainer:
             t2 = time.perf_counter()
             nan = int(jax.device_get(self.state.opt_step)) + 1 == cfg.train.inject_nonfinite_grad_at
             self.state, mets = update_lib.update(self.graphdef, self.state, sb, teacher, lr,
-                                                 jnp.asarray(nan), spec=spec)
+                                                 np.asarray(nan), spec=spec)
             mets = jax.device_get(mets)
-            mets["entropy"] = _masked_mean(sb["entropy"], sb["response_mask"])
-            # Sampler vs trainer log-probs of the same tokens at the same weights: should be ~0
-            # (fp32) / small (bf16); a large value means a mis-aligned or mismatched forward.
-            mets["sampler_logp_abs_diff"] = _masked_mean(
-                jnp.abs(sb["old_logp"] - sb["sampler_logp"]), sb["response_mask"])
+            mets.update(jax.device_get(_student_diagnostics(sb)))
             if spec.teacher_mode is not None:
-                mets["teacher_prompt_truncated_tokens"] = float(np.sum(truncated))
+                mets["teacher_prompt_truncated_tokens"] = multihost.global_sum(np.sum(truncated))
             out.append(mets)
             times["score"] += t2 - t1
             times["update"] += time.perf_counter() - t2
@@ -182,11 +190,12 @@ class Trainer:
             records = records[:cfg.warm_start.num_examples]
         examples = warm_start.encode_examples(records, self.encoder, self.tokenizer,
                                               self.eos_ids[0], cfg.warm_start.target)
+        # Every process draws the same global batch; each contributes its block of it.
         params = warm_start.warm_start(
             self.graphdef, self.state.params, examples, steps=cfg.warm_start.steps,
             batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
             warmup_steps=cfg.warm_start.warmup_steps, seed=cfg.seed, pad_id=self.pad_id,
-            put=self.put)
+            put=lambda batch: self.put(multihost.local_block(batch)))
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
 
@@ -206,6 +215,25 @@ class Trainer:
                                    pad_id=self.pad_id, buckets=self.prompt_buckets)
 
 
-def _masked_mean(x, mask) -> float:
-    x, mask = np.asarray(jax.device_get(x)), np.asarray(jax.device_get(mask))
-    return float((x * mask).sum() / max(mask.sum(), 1))
+@jax.jit
+def _student_diagnostics(sb: dict) -> dict:
+    """Token means over the (global) mini-batch, computed on device."""
+    mask = sb["response_mask"].astype(jnp.float32)
+
+    def mean(x):
+        return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    # Sampler vs trainer log-probs of the same tokens at the same weights: should be ~0
+    # (fp32) / small (bf16); a large value means a mis-aligned or mismatched forward.
+    return {"entropy": mean(sb["entropy"]),
+            "sampler_logp_abs_diff": mean(jnp.abs(sb["old_logp"] - sb["sampler_logp"]))}
+
+
+def _global_hint_stats(stats: dict, method: str) -> dict:
+    """Hint / drop statistics of the whole step (each process built its groups' hints)."""
+    if not stats or jax.process_count() == 1:
+        return stats
+    prefix = f"{method}/"
+    keys = sorted(stats)
+    rows = multihost.allgather(np.asarray([[stats[k] for k in keys]], np.float64))
+    parts = [{k[len(prefix):]: float(v) for k, v in zip(keys, row)} for row in rows]
+    return {prefix + k: v for k, v in hints_lib.merge_stats(parts).items()}

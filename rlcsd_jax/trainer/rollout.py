@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlcsd_jax import losses, rewards, sampling
+from rlcsd_jax import losses, multihost, rewards, sampling
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data.records import Record
 
@@ -74,8 +74,10 @@ class PromptEncoder:
 
 
 def pad_prompts(encoder: PromptEncoder, records: Sequence[Record], buckets, pad_id: int):
+    """Left-padded [P, Pb] ids and mask; Pb is the bucket of the longest prompt on ANY host
+    (the processes' blocks form one global array)."""
     ids = [encoder(r) for r in records]
-    width = sampling.bucket_length(max(len(x) for x in ids), buckets)
+    width = sampling.bucket_length(multihost.global_max(max(len(x) for x in ids)), buckets)
     return sampling.left_pad(ids, width, pad_id)
 
 
@@ -93,7 +95,11 @@ def grade(records: Sequence[Record], texts: Sequence[str], group_size: int) -> n
 
 def sample(generate_fn, tokenizer, encoder: PromptEncoder, records: Sequence[Record], key, *,
            group_size: int, buckets, pad_id: int) -> Rollouts:
-    """generate_fn(ids, mask, key, num_samples) -> dict of device arrays (sampling API)."""
+    """This process's prompts `records` -> its rollouts.
+
+    generate_fn(ids, mask, key, num_samples) -> dict of this process's rows of the sampling
+    API's arrays (tokens, logprobs, lengths, truncated), as host or device arrays.
+    """
     ids, mask = pad_prompts(encoder, records, buckets, pad_id)
     out = jax.device_get(generate_fn(ids, mask, key, group_size))
     texts = decode(tokenizer, out["tokens"], out["lengths"])
@@ -105,9 +111,3 @@ def sample(generate_fn, tokenizer, encoder: PromptEncoder, records: Sequence[Rec
                     lengths=np.asarray(out["lengths"]), truncated=np.asarray(out["truncated"]),
                     texts=texts, rewards=reward, group=group, advantages=adv)
 
-
-def per_source_accuracy(records: Sequence[Record], rewards_: np.ndarray,
-                        group_size: int) -> dict[str, float]:
-    """Mean reward per data source (= mean@k with k = group_size samples per problem)."""
-    sources = np.asarray([r.data_source for r in records for _ in range(group_size)])
-    return {s: float(rewards_[sources == s].mean()) for s in sorted(set(sources.tolist()))}

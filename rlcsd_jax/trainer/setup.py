@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlcsd_jax import losses, models, sharding
+from rlcsd_jax import losses, models, multihost, sharding
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data import readers
 from rlcsd_jax.data.records import Record
@@ -77,6 +77,7 @@ def tokenizer_dir(cfg, workdir: str) -> str:
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         if jax.process_index() == 0:
             build_tiny_tokenizer(path)
+        multihost.sync("tiny tokenizer written")
     return path
 
 
@@ -148,9 +149,31 @@ def check_mesh_batch(mesh, rows: int, what: str) -> None:
         raise ValueError(f"{what} has {rows} rows, not divisible by data x fsdp = {n}")
 
 
+def check_processes(cfg, mesh) -> None:
+    """Multi-host: the mesh spans every host, and every process owns whole prompts of every
+    step and mini-batch."""
+    count = jax.process_count()
+    if count > 1 and mesh.devices.size != jax.device_count():
+        raise ValueError(f"config.mesh ({dict(mesh.shape)}) uses {mesh.devices.size} of the "
+                         f"{jax.device_count()} devices of a {count}-process job; a multi-host "
+                         "mesh must use all of them (set one mesh axis to -1)")
+    for key in ("rollout.prompts_per_step", "train.minibatch_prompts", "eval.batch_prompts",
+                "warm_start.batch_size"):
+        section, name = key.split(".")
+        if cfg[section][name] % count:
+            raise ValueError(f"config.{key}={cfg[section][name]} must be a multiple of the "
+                             f"{count} processes (each process owns whole prompts)")
+
+
 def seed_rng(seed: int, step: int) -> np.random.Generator:
-    """Host randomness (hint choice) for one training step: same seed + step, same draws."""
+    """Host randomness for one training step: same seed + step, same draws."""
     return np.random.default_rng([seed, step])
+
+
+def group_rngs(seed: int, step: int, first_group: int, num_groups: int):
+    """One generator per prompt group (hint choice), keyed by the group's index in the GLOBAL
+    batch: the draws do not depend on how the batch is split over hosts."""
+    return [np.random.default_rng([seed, step, first_group + i]) for i in range(num_groups)]
 
 
 def model_config(cfg, vocab_size: int | None = None):

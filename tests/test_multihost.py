@@ -143,3 +143,24 @@ def test_one_consistent_checkpoint_with_the_single_process_params(runs):
     with open(os.path.join(host_dir, "metadata")) as f:   # orbax JSON handler's file
         host = json.load(f)
     assert host["step"] == STEPS
+
+
+def test_single_process_helpers_are_the_identity():
+    # The trainer calls these on every step; with one process they must not change anything.
+    import jax
+
+    from rlcsd_jax import multihost, sharding
+
+    mesh = sharding.make_mesh(fsdp=-1)
+    x = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    g = multihost.to_global(x, mesh)
+    assert g.shape == (8, 3) and g.sharding.spec == multihost.batch_spec(2)
+    np.testing.assert_array_equal(multihost.to_host_local(g, mesh), x)
+    t = multihost.to_global(np.zeros((2, 8, 5)), mesh, axis=1)   # teacher rows [C, B, S]
+    assert t.sharding.spec == multihost.batch_spec(3, axis=1)
+    # A jit output in another layout comes back as the same rows.
+    np.testing.assert_array_equal(multihost.to_host_local(jax.jit(lambda a: a.T)(g).T, mesh), x)
+    np.testing.assert_array_equal(multihost.local_block(x), x)
+    np.testing.assert_array_equal(multihost.allgather(x), x)
+    assert multihost.global_max(3) == 3 and multihost.global_sum(2.5) == 2.5
+    assert multihost.block(8) == slice(0, 8)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from rlcsd_jax import analyze_style, losses
+from rlcsd_jax import analyze_style, losses, style_report
 import fake_rollouts
 from rlcsd_jax.trainer import batches, update
 
@@ -144,7 +144,7 @@ def test_all_wrong_falls_back_to_gt_cot(trainer, monkeypatch):
     # Strict self_rollout: nothing to analyse, and the outputs say so.
     strict = analyze_style.collect_signals(trainer, records, seed=3, hint_source="self_rollout")
     assert strict["source"] == "none" and len(strict["rows"]) == 0
-    md = analyze_style.render_table([], [], source="none", message=strict["message"],
+    md = style_report.render_table([], [], source="none", message=strict["message"],
                                     num_rollouts=8)
     assert "no rollout survived" in md and "every rollout was dropped" in md
 
@@ -159,13 +159,13 @@ def test_untrained_model_still_gives_e_c(trainer, tmp_path):
     assert np.isfinite(sig["e_c"][m]).all() and np.isnan(sig["e_ctr"]).all()
     assert np.abs(sig["e_c"][m]).max() > 0
     tok = trainer.tokenizer
-    assert analyze_style.top_tokens(sig, tok, by="e_ctr") == []
-    top_c = analyze_style.top_tokens(sig, tok, by="e_c", min_count=1)
+    assert style_report.top_tokens(sig, tok, by="e_ctr") == []
+    top_c = style_report.top_tokens(sig, tok, by="e_c", min_count=1)
     assert len(top_c) == 10
-    md = analyze_style.render_table(top_c, [], source=sig["source"], num_rollouts=8,
+    md = style_report.render_table(top_c, [], source=sig["source"], num_rollouts=8,
                                     num_kept=8, num_tokens=int(m.sum()))
     assert "no wrong hint exists" in md and "## Top-10 tokens by mean |e_ctr|" in md
-    out = analyze_style.render_png(sig, tok, str(tmp_path / "drift.png"))
+    out = style_report.render_png(sig, tok, str(tmp_path / "drift.png"))
     with open(out, "rb") as f:
         assert f.read(4) == b"\x89PNG"
 
@@ -179,15 +179,15 @@ def test_token_stats_aggregate_by_string():
            "mask": np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
            "e_c": np.array([[1.0, -3.0, 0.5, 9.0], [0.5, -0.5, 2.0, 99.0]]),
            "e_ctr": np.array([[0.1, 0.1, -2.0, 0.0], [2.0, -2.0, -0.3, 99.0]])}
-    stats = {d["token"]: d for d in analyze_style.token_stats(sig, Tok(), min_count=2)}
+    stats = {d["token"]: d for d in style_report.token_stats(sig, Tok(), min_count=2)}
     assert set(stats) == {"a", "\n"}                  # " b" seen once; padding ignored
     assert stats["a"]["count"] == 3 and stats["a"]["mean_abs_e_c"] == pytest.approx(2.0)
     assert stats["a"]["mean_e_c"] == pytest.approx(0.0)
     assert stats["\n"]["mean_abs_e_ctr"] == pytest.approx(2.0)
-    assert [d["token"] for d in analyze_style.top_tokens(sig, Tok(), by="e_ctr", k=1,
+    assert [d["token"] for d in style_report.top_tokens(sig, Tok(), by="e_ctr", k=1,
                                                          min_count=2)] == ["\n"]
-    assert analyze_style.display_token(" x\n|\x1b") == "␣x⏎|\\x1b"
-    md = analyze_style.render_table(analyze_style.top_tokens(sig, Tok(), by="e_c", min_count=2),
+    assert style_report.display_token(" x\n|\x1b") == "␣x⏎|\\x1b"
+    md = style_report.render_table(style_report.top_tokens(sig, Tok(), by="e_c", min_count=2),
                                     [], min_count=2, num_kept=2)
     assert "| 1 | `a` | 3 | 2.0000 | 0.0000 |" in md
 

@@ -205,7 +205,7 @@ def _run(module, args, env):
     return proc
 
 
-def _check_outputs(out, source="kk_2to3_test"):
+def _check_outputs(out, source="kk_2to2_test"):
     res = json.loads((out / "results.json").read_text())
     assert set(res["scores"]) == {source} and res["num_problems"] == {source: 4}
     assert 0.0 <= res["scores"][source] <= 1.0 and res["k"] == 2
@@ -247,7 +247,7 @@ def test_cli_on_training_workdir(tmp_path, cli_env):
                              "--config.eval.before_train=False", "--config.eval.at_end=False"],
          cli_env)
     out, compare = tmp_path / "out", tmp_path / "compare.md"
-    compare.write_text("| Checkpoint | kk_2to3_test | Avg |\n|:---|---:|---:|\n"
+    compare.write_text("| Checkpoint | kk_2to2_test | Avg |\n|:---|---:|---:|\n"
                        "| base | 1.0 | 1.0 |\n")
     _run("rlcsd_jax.evaluate", [*FAST, *FAST_EVAL, f"--checkpoint={work}", f"--out={out}",
                                 f"--append_to={compare}"], cli_env)

@@ -17,15 +17,15 @@ runs pay nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
-BATCH_AXES = ("data", "fsdp")
+from rlcsd_jax.sharding import batch_sharding
 
 
 def initialize(enabled: bool) -> None:
@@ -47,13 +47,6 @@ def initialize(enabled: bool) -> None:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
-
-
-def batch_spec(ndim: int, axis: int = 0) -> PartitionSpec:
-    spec = [None] * ndim
-    if ndim > axis:
-        spec[axis] = BATCH_AXES
-    return PartitionSpec(*spec)
 
 
 def block(n_global: int) -> slice:
@@ -83,7 +76,7 @@ def to_global(tree, mesh, axis: int = 0):
     """
     def put(x):
         x = np.asarray(x)
-        sharding = NamedSharding(mesh, batch_spec(x.ndim, axis))
+        sharding = batch_sharding(mesh, x.ndim, axis)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         return multihost_utils.host_local_array_to_global_array(x, mesh, sharding.spec)
@@ -95,15 +88,18 @@ def to_host_local(tree, mesh, axis: int = 0):
     def get(x):
         if jax.process_count() == 1:
             return np.asarray(jax.device_get(x))
-        spec = batch_spec(x.ndim, axis)
-        if x.sharding != NamedSharding(mesh, spec):   # e.g. a layout XLA chose for a jit output
-            x = _reshard(x, NamedSharding(mesh, spec))
-        return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+        sharding = batch_sharding(mesh, x.ndim, axis)
+        if x.sharding != sharding:   # e.g. a layout XLA chose for a jit output
+            x = _resharder(sharding)(x)
+        return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh,
+                                                                           sharding.spec))
     return jax.tree.map(get, tree)
 
 
-def _reshard(x, sharding):
-    return jax.jit(lambda a: a, out_shardings=sharding)(x)
+@functools.lru_cache(maxsize=None)
+def _resharder(sharding):
+    """One jitted identity per target sharding (a fresh jit per call would recompile)."""
+    return jax.jit(lambda a: a, out_shardings=sharding)
 
 
 def allgather(x) -> np.ndarray:
@@ -112,6 +108,13 @@ def allgather(x) -> np.ndarray:
     if jax.process_count() == 1:
         return x
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def allgather_columns(*columns) -> list[np.ndarray]:
+    """`allgather` of several same-length per-row arrays in one collective (as float64, exact
+    for the ints, bools and float32s the trainer reports)."""
+    gathered = allgather(np.stack([np.asarray(c, np.float64) for c in columns], axis=1))
+    return [gathered[:, i] for i in range(len(columns))]
 
 
 def global_max(value: int) -> int:

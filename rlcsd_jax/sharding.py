@@ -105,9 +105,17 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
                         state, is_leaf=_is_var)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading axis over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_spec(ndim: int, axis: int = 0) -> P:
+    """Dim `axis` over ('data', 'fsdp'), the rest replicated (all replicated if ndim <= axis)."""
+    spec = [None] * ndim
+    if ndim > axis:
+        spec[axis] = BATCH_AXES
+    return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Batch dim `axis` (default the leading one) over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, batch_spec(ndim, axis))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -154,13 +154,16 @@ def test_single_process_helpers_are_the_identity():
     mesh = sharding.make_mesh(fsdp=-1)
     x = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
     g = multihost.to_global(x, mesh)
-    assert g.shape == (8, 3) and g.sharding.spec == multihost.batch_spec(2)
+    assert g.shape == (8, 3) and g.sharding.spec == sharding.batch_spec(2)
     np.testing.assert_array_equal(multihost.to_host_local(g, mesh), x)
     t = multihost.to_global(np.zeros((2, 8, 5)), mesh, axis=1)   # teacher rows [C, B, S]
-    assert t.sharding.spec == multihost.batch_spec(3, axis=1)
+    assert t.sharding.spec == sharding.batch_spec(3, axis=1)
     # A jit output in another layout comes back as the same rows.
     np.testing.assert_array_equal(multihost.to_host_local(jax.jit(lambda a: a.T)(g).T, mesh), x)
     np.testing.assert_array_equal(multihost.local_block(x), x)
     np.testing.assert_array_equal(multihost.allgather(x), x)
     assert multihost.global_max(3) == 3 and multihost.global_sum(2.5) == 2.5
     assert multihost.block(8) == slice(0, 8)
+    r, n = multihost.allgather_columns(np.array([1.0, 0.0], np.float32), np.array([7, 9]))
+    np.testing.assert_array_equal(r, [1.0, 0.0])
+    np.testing.assert_array_equal(n, [7, 9])

@@ -15,18 +15,16 @@ def rollout_metrics(ro: rollout.Rollouts, num_kept: int, source_names: list[str]
 
     source_names: every data source of the training set, the same list on every process.
     """
-    rewards = multihost.allgather(ro.rewards).astype(np.float64)
-    lengths = multihost.allgather(ro.lengths).astype(np.float64)
-    truncated = multihost.allgather(ro.truncated)
     index = {name: i for i, name in enumerate(source_names)}
-    sources = multihost.allgather(np.asarray(
-        [index[r.data_source] for r in ro.records for _ in range(ro.group_size)], np.int32))
+    rewards, lengths, truncated, sources = multihost.allgather_columns(
+        ro.rewards, ro.lengths, ro.truncated,
+        [index[r.data_source] for r in ro.records for _ in range(ro.group_size)])
     m = {"train/reward_mean": float(rewards.mean()),
          "train/response_length_mean": float(lengths.mean()),
          "train/response_length_max": float(lengths.max()),
          "train/truncation_ratio": float(truncated.mean()),
          "train/kept_ratio": multihost.global_sum(num_kept) / max(len(rewards), 1)}
-    for i in sorted(set(sources.tolist())):
+    for i in sorted(set(sources.astype(int).tolist())):
         m[f"train/acc/{source_names[i]}"] = float(rewards[sources == i].mean())
     return m
 
@@ -70,8 +68,9 @@ def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, nu
                             jax.random.key(seed + start), group_size=num_samples,
                             buckets=buckets, pad_id=pad_id)
         n = len(chunk) * num_samples
-        all_rewards.append(multihost.allgather(ro.rewards)[:n])
-        lengths.append(multihost.allgather(ro.lengths)[:n])
+        chunk_rewards, chunk_lengths = multihost.allgather_columns(ro.rewards, ro.lengths)
+        all_rewards.append(chunk_rewards[:n])
+        lengths.append(chunk_lengths[:n])
     scores = mean_at_k(records, np.concatenate(all_rewards), num_samples)
     out = {f"eval/{k}": v for k, v in scores.items()}
     out["eval/response_length_mean"] = float(np.concatenate(lengths).mean())

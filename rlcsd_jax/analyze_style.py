@@ -90,13 +90,17 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
                         jax.random.key(seed), group_size=g, buckets=sampling.DEFAULT_BUCKETS,
                         pad_id=trainer.pad_id)
     n_rows = len(ro.texts)
+
+    def group_rngs():   # the trainer's per-group hint draws (as at training step 0)
+        return setup.group_rngs(seed, 0, 0, len(ro.records))
+
     first = hints.normalize_hint_source(
         cfg.teacher.correct_privileged_hint_source if hint_source == "auto" else hint_source)
     order = [first] + (["gt_cot"] if hint_source == "auto" and first != "gt_cot" else [])
     notes, stats, ctx, source = [], {}, None, "none"
     for src in order:
         try:
-            ctx = batches.build_contexts("rlcsd", ro, trainer.encoder, setup.seed_rng(seed, 0),
+            ctx = batches.build_contexts("rlcsd", ro, trainer.encoder, group_rngs(),
                                          hint_source=src, k_max=k_max)
         except ValueError as e:         # gt_cot without a dataset solution
             notes.append(f"{src} hints unavailable: {e}")
@@ -111,7 +115,7 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
     has_ctr = ctx is not None
     if ctx is None and hint_source == "auto":
         try:   # the GT-solution teacher keeps every rollout: e_c is still defined
-            ctx = batches.build_contexts("rlsd", ro, trainer.encoder, setup.seed_rng(seed, 0),
+            ctx = batches.build_contexts("rlsd", ro, trainer.encoder, group_rngs(),
                                          hint_source="gt_cot", k_max=k_max)
             source = SOURCE_CORRECT_ONLY
         except ValueError as e:

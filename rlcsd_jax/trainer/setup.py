@@ -165,11 +165,6 @@ def check_processes(cfg, mesh) -> None:
                              f"{count} processes (each process owns whole prompts)")
 
 
-def seed_rng(seed: int, step: int) -> np.random.Generator:
-    """Host randomness for one training step: same seed + step, same draws."""
-    return np.random.default_rng([seed, step])
-
-
 def group_rngs(seed: int, step: int, first_group: int, num_groups: int):
     """One generator per prompt group (hint choice), keyed by the group's index in the GLOBAL
     batch: the draws do not depend on how the batch is split over hosts."""

@@ -36,6 +36,10 @@ def test_mean_at_k_by_hand():
     kk_9 = 3 / 4
     assert scores == pytest.approx({"aime24": aime24, "kk_9": kk_9,
                                     "avg": (aime24 + kk_9) / 2})   # unweighted over sources
+    # Standard error of avg: aime24's per-problem means 0.75 and 0 have sample variance
+    # 0.28125, so its mean has variance 0.28125 / 2; kk_9 has one problem (adds 0); avg halves it.
+    se = evaluation.mean_at_k_stderr(records, np.asarray(rewards, np.float32), 4)
+    assert se == pytest.approx(np.sqrt(0.28125 / 2) / 2)
     # k = 1 is pass@1 = the plain mean accuracy.
     one = evaluation.mean_at_k(records, np.asarray([1, 0, 1], np.float32), 1)
     assert one == pytest.approx({"aime24": 0.5, "kk_9": 1.0, "avg": 0.75})
@@ -261,3 +265,17 @@ def test_cli_on_training_workdir(tmp_path, cli_env):
     assert ev._saved_config(str(work / "checkpoints"), 1)["method"] == "rlcsd"
     # Read-only: nothing new was written into the run's checkpoint folder.
     assert sorted(os.listdir(work / "checkpoints")) == ["1"]
+
+
+def test_run_summary_reports_the_change_with_its_standard_error():
+    from rlcsd_jax.trainer import run
+
+    text = run.format_summary({
+        "steps": 45, "reward_first": 0.2, "reward_mean_last5": 0.3,
+        "eval_before": {"eval/avg": 0.283, "eval/avg_stderr": 0.012},
+        "eval_after": {"eval/avg": 0.320, "eval/avg_stderr": 0.016}})
+    assert "0.283 ± 0.012 (before RL) -> 0.320 ± 0.016 (after RL)" in text
+    assert "held-out change: +0.037 (± 0.020 standard error)" in text   # sqrt(.012² + .016²)
+    # Without an "after" evaluation there is no change line.
+    assert "held-out change" not in run.format_summary(
+        {"eval_before": {"eval/avg": 0.3, "eval/avg_stderr": 0.01}})

@@ -51,6 +51,21 @@ def mean_at_k(records, rewards_: np.ndarray, num_samples: int) -> dict[str, floa
     return out
 
 
+def mean_at_k_stderr(records, rewards_: np.ndarray, num_samples: int) -> float:
+    """Standard error of mean_at_k's `avg` over problems: per source the sample standard
+    deviation of the per-problem means over sqrt(n), combined as for an unweighted mean of
+    independent source means.  It covers both the choice of problems and the k samples, so it
+    says whether two evaluations differ by more than noise (a source with one problem adds 0)."""
+    rewards_ = np.asarray(rewards_, np.float64).reshape(len(records), num_samples)
+    per_problem = rewards_.mean(axis=1)
+    sources = np.asarray([r.data_source for r in records])
+    variances = []
+    for s in sorted(set(sources.tolist())):
+        x = per_problem[sources == s]
+        variances.append(x.var(ddof=1) / len(x) if len(x) > 1 else 0.0)
+    return float(np.sqrt(np.sum(variances)) / len(variances)) if variances else 0.0
+
+
 def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, num_samples: int,
              seed: int, pad_id: int, buckets=sampling.DEFAULT_BUCKETS) -> dict:
     """Sample `num_samples` answers per eval problem and score them: `eval/<source>`,
@@ -71,7 +86,8 @@ def evaluate(generate_fn, tokenizer, encoder, records, *, batch_prompts: int, nu
         chunk_rewards, chunk_lengths = multihost.allgather_columns(ro.rewards, ro.lengths)
         all_rewards.append(chunk_rewards[:n])
         lengths.append(chunk_lengths[:n])
-    scores = mean_at_k(records, np.concatenate(all_rewards), num_samples)
-    out = {f"eval/{k}": v for k, v in scores.items()}
+    rewards = np.concatenate(all_rewards)
+    out = {f"eval/{k}": v for k, v in mean_at_k(records, rewards, num_samples).items()}
+    out["eval/avg_stderr"] = mean_at_k_stderr(records, rewards, num_samples)
     out["eval/response_length_mean"] = float(np.concatenate(lengths).mean())
     return out

@@ -96,7 +96,18 @@ def run(cfg, workdir: str) -> dict:
 
 def format_summary(s: dict) -> str:
     def acc(d):
-        return "n/a" if not d else f"{d.get('eval/avg', float('nan')):.3f}"
+        if not d:
+            return "n/a"
+        se = d.get("eval/avg_stderr")
+        return f"{d.get('eval/avg', float('nan')):.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+    before, after = s.get("eval_before"), s.get("eval_after")
+    change = []
+    if before and after and "eval/avg_stderr" in before and "eval/avg_stderr" in after:
+        # Unpaired standard error of the difference: conservative for the same problems.
+        se = (before["eval/avg_stderr"] ** 2 + after["eval/avg_stderr"] ** 2) ** 0.5
+        change = [f"held-out change: {after['eval/avg'] - before['eval/avg']:+.3f} "
+                  f"(± {se:.3f} standard error)"]
 
     lines = ["", "=" * 72, "rlcsd_jax run summary", "-" * 72,
              f"steps: {s.get('steps')}    wall time: {s.get('wall_time_s', 0):.0f}s    "
@@ -104,5 +115,5 @@ def format_summary(s: dict) -> str:
              f"train reward: {s.get('reward_first')} (first step) -> "
              f"{s.get('reward_mean_last5')} (mean of last 5 steps)",
              f"held-out accuracy (eval/avg): {acc(s.get('eval_before'))} (before RL) -> "
-             f"{acc(s.get('eval_after'))} (after RL)", "=" * 72]
+             f"{acc(s.get('eval_after'))} (after RL)", *change, "=" * 72]
     return "\n".join(lines)

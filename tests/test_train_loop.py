@@ -84,9 +84,19 @@ def test_rlcsd_plumbing(tmp_path, fake_texts):
     assert np.isfinite(m2["train/loss"])
     # The trainer's old log-probs equal the sampler's for the same tokens (fp32, same weights).
     assert m1["train/sampler_logp_abs_diff"] < 1e-4
+    assert m1["train/teacher_prompt_truncated_tokens"] == 0     # 1024-token teacher budget
     for key in ("rlcsd/e_ctr_mean", "rlcsd/selected_token_ratio", "train/entropy",
                 "train/grad_norm", "time/sample", "time/score", "time/update"):
         assert key in m2, key
+
+
+def test_teacher_prompts_over_budget_are_cut_and_counted(tmp_path, fake_texts):
+    """A teacher sequence over `teacher_max_len` loses prompt tokens from the left (§2.4); the
+    step reports how many, summed over the mini-batch."""
+    tr = loop.Trainer(tiny_config(tmp_path, **{"train.teacher_max_len": 160}), str(tmp_path))
+    m = tr.train_step(next(tr.iterator))
+    assert m["train/num_updates"] > 0 and np.isfinite(m["train/loss"])
+    assert m["train/teacher_prompt_truncated_tokens"] > 0
 
 
 def test_all_dropped_step_makes_no_update(tmp_path, monkeypatch, fake_texts):

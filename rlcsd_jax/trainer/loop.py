@@ -149,7 +149,7 @@ class Trainer:
         jax.block_until_ready(students)
         times["score"] += time.perf_counter() - t
         k_slots = batches_lib.num_wrong_slots(cfg.method, cfg.teacher.k_max)
-        out, pos = [], 0
+        out, pos, truncated_tokens = [], 0, []
         for rows, sb in zip(chunks, students):
             t1 = time.perf_counter()
             teacher = {}
@@ -160,7 +160,7 @@ class Trainer:
                     buckets=self.teacher_buckets)
                 tb = batches_lib.widen(tb, multihost.global_max(tb["input_ids"].shape[-1]),
                                        self.pad_id)
-                truncated = tb.pop("truncated_prompt_tokens")
+                truncated_tokens.append(np.sum(tb.pop("truncated_prompt_tokens")))
                 wrong_valid = self.put(tb.pop("wrong_valid"))
                 tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
                 tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
@@ -174,12 +174,15 @@ class Trainer:
                                                  np.asarray(nan), spec=spec)
             mets = jax.device_get(mets)
             mets.update(jax.device_get(_student_diagnostics(sb)))
-            if spec.teacher_mode is not None:
-                mets["teacher_prompt_truncated_tokens"] = multihost.global_sum(np.sum(truncated))
             out.append(mets)
             times["score"] += t2 - t1
             times["update"] += time.perf_counter() - t2
             pos += len(rows)
+        if truncated_tokens:   # one collective per step, not one per mini-batch
+            # [processes, mini-batches] -> per-mini-batch totals (every process has as many).
+            totals = multihost.allgather(np.asarray(truncated_tokens, np.float64)[None]).sum(0)
+            for mets, total in zip(out, totals):
+                mets["teacher_prompt_truncated_tokens"] = float(total)
         return out
 
     def warm_start(self) -> None:

@@ -121,8 +121,11 @@ def global_max(value: int) -> int:
     return int(allgather(np.asarray([value], np.int64)).max())
 
 
-def global_sum(value: float) -> float:
-    return float(allgather(np.asarray([value], np.float64)).sum())
+def global_sum(value):
+    """Sum over processes: a float for a scalar, the elementwise sum for an array."""
+    x = np.asarray(value, np.float64)
+    total = allgather(x[None]).sum(0)
+    return float(total) if x.ndim == 0 else total
 
 
 def sync(name: str) -> None:

@@ -20,6 +20,7 @@ def flip(answer: str) -> str:
 
 def install(setattr_fn=None, pattern=PATTERN, by_record_index=False):
     """Patch rollout decoding so group p's j-th answer is correct iff pattern[p][j] (cycled).
+    Returns a dict holding the latest batch's `records` and `rollouts`.
 
     setattr_fn: pytest's monkeypatch.setattr, or plain setattr (subprocess drivers).
     by_record_index: key the pattern by the record's dataset index instead of the group's
@@ -44,7 +45,8 @@ def install(setattr_fn=None, pattern=PATTERN, by_record_index=False):
 
     def sample(generate_fn, tokenizer, encoder, records, key, **kw):
         state["records"] = list(records)
-        return real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
+        state["rollouts"] = real_sample(generate_fn, tokenizer, encoder, records, key, **kw)
+        return state["rollouts"]
 
     setattr_fn(rollout, "decode", decode)
     setattr_fn(rollout, "sample", sample)

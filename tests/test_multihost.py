@@ -163,6 +163,7 @@ def test_single_process_helpers_are_the_identity():
     np.testing.assert_array_equal(multihost.local_block(x), x)
     np.testing.assert_array_equal(multihost.allgather(x), x)
     assert multihost.global_max(3) == 3 and multihost.global_sum(2.5) == 2.5
+    np.testing.assert_array_equal(multihost.global_sum([4, 0, 1]), [4.0, 0.0, 1.0])
     assert multihost.block(8) == slice(0, 8)
     r, n = multihost.allgather_columns(np.array([1.0, 0.0], np.float32), np.array([7, 9]))
     np.testing.assert_array_equal(r, [1.0, 0.0])

@@ -167,17 +167,12 @@ def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, f
     from rlcsd_jax.trainer import batches, update
 
     captured = {}
-    sample, build = loop.rollout.sample, loop.batches_lib.build_contexts
-
-    def capture_sample(*a, **k):
-        captured["ro"] = sample(*a, **k)
-        return captured["ro"]
+    build = loop.batches_lib.build_contexts
 
     def capture_contexts(*a, **k):
         captured["ctx"] = build(*a, **k)
         return captured["ctx"]
 
-    monkeypatch.setattr(loop.rollout, "sample", capture_sample)
     monkeypatch.setattr(loop.batches_lib, "build_contexts", capture_contexts)
     # One mini-batch with every prompt, no warmup, a small step: first-order behaviour.
     cfg = tiny_config(tmp_path, method, **{"train.minibatch_prompts": 4,
@@ -195,7 +190,7 @@ def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, f
     before = jax.tree.map(np.array, jax.device_get(tr.state.params))
     m = tr.train_step(next(tr.iterator))
     assert m["train/num_updates"] == 1
-    ro, kept = captured["ro"], captured["ctx"].kept
+    ro, kept = fake_texts["rollouts"], captured["ctx"].kept
     delta = (sequence_logp(tr.state.params, ro) - sequence_logp(before, ro))[kept]
     adv = ro.advantages[kept]
     assert (adv > 0).any() and (adv < 0).any()

@@ -40,13 +40,18 @@ def mean_metrics(per_minibatch: list[dict]) -> dict:
     return out
 
 
+def _per_problem_by_source(records, rewards_: np.ndarray, num_samples: int):
+    """{source: [n_source] mean of the k binary accuracies of each of its problems}."""
+    per_problem = np.asarray(rewards_, np.float64).reshape(len(records), num_samples).mean(1)
+    sources = np.asarray([r.data_source for r in records])
+    return {s: per_problem[sources == s] for s in sorted(set(sources.tolist()))}
+
+
 def mean_at_k(records, rewards_: np.ndarray, num_samples: int) -> dict[str, float]:
     """Per source: mean over problems of the mean of the k binary accuracies (mean@k; with
     k = 1 this is pass@1), plus `avg`, the unweighted mean over sources (§5)."""
-    rewards_ = np.asarray(rewards_, np.float64).reshape(len(records), num_samples)
-    per_problem = rewards_.mean(axis=1)
-    sources = np.asarray([r.data_source for r in records])
-    out = {s: float(per_problem[sources == s].mean()) for s in sorted(set(sources.tolist()))}
+    by_source = _per_problem_by_source(records, rewards_, num_samples)
+    out = {s: float(x.mean()) for s, x in by_source.items()}
     out["avg"] = float(np.mean(list(out.values()))) if out else 0.0
     return out
 
@@ -56,13 +61,8 @@ def mean_at_k_stderr(records, rewards_: np.ndarray, num_samples: int) -> float:
     deviation of the per-problem means over sqrt(n), combined as for an unweighted mean of
     independent source means.  It covers both the choice of problems and the k samples, so it
     says whether two evaluations differ by more than noise (a source with one problem adds 0)."""
-    rewards_ = np.asarray(rewards_, np.float64).reshape(len(records), num_samples)
-    per_problem = rewards_.mean(axis=1)
-    sources = np.asarray([r.data_source for r in records])
-    variances = []
-    for s in sorted(set(sources.tolist())):
-        x = per_problem[sources == s]
-        variances.append(x.var(ddof=1) / len(x) if len(x) > 1 else 0.0)
+    by_source = _per_problem_by_source(records, rewards_, num_samples)
+    variances = [x.var(ddof=1) / len(x) if len(x) > 1 else 0.0 for x in by_source.values()]
     return float(np.sqrt(np.sum(variances)) / len(variances)) if variances else 0.0
 
 

@@ -179,9 +179,7 @@ class Trainer:
             times["update"] += time.perf_counter() - t2
             pos += len(rows)
         if truncated_tokens:   # one collective per step, not one per mini-batch
-            # [processes, mini-batches] -> per-mini-batch totals (every process has as many).
-            totals = multihost.allgather(np.asarray(truncated_tokens, np.float64)[None]).sum(0)
-            for mets, total in zip(out, totals):
+            for mets, total in zip(out, multihost.global_sum(truncated_tokens)):
                 mets["teacher_prompt_truncated_tokens"] = float(total)
         return out
 

@@ -114,6 +114,6 @@ def format_summary(s: dict) -> str:
              f"tokens/s (rollout): {s.get('tokens_per_s', 0):.0f}",
              f"train reward: {s.get('reward_first')} (first step) -> "
              f"{s.get('reward_mean_last5')} (mean of last 5 steps)",
-             f"held-out accuracy (eval/avg): {acc(s.get('eval_before'))} (before RL) -> "
-             f"{acc(s.get('eval_after'))} (after RL)", *change, "=" * 72]
+             f"held-out accuracy (eval/avg): {acc(before)} (before RL) -> "
+             f"{acc(after)} (after RL)", *change, "=" * 72]
     return "\n".join(lines)

@@ -19,6 +19,9 @@ METHODS = tuple(losses.names())
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The base model's seed: random init and supervised warm start (-1 = seed).  A fixed value
+    # makes `seed` vary the RL run only, like RL runs from one pretrained checkpoint.
+    c.base_seed = -1
     c.method = "rlcsd"                     # one of METHODS
 
     # Model: `checkpoint` = an HF folder or a converted folder; empty = random init of `preset`.
@@ -26,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         checkpoint="", preset="", dtype="bfloat16", param_dtype="float32",
         remat_policy="full", scan_layers=True, attention_impl="xla"))
     c.tokenizer = ""                        # folder; empty = model.checkpoint
+    c.tiny_tokenizer_vocab = 512            # the tiny tokenizer built when both are empty
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False                   # jax.distributed.initialize() (TPU pods)
 
@@ -75,7 +79,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Supervised warm start on dataset solutions before RL (used by the tiny demo).
     c.warm_start = ml_collections.ConfigDict(dict(
         steps=0, lr=1e-3, batch_size=32, warmup_steps=10, num_examples=0,
-        target="solution"))                 # "solution" (CoT + answer) or "answer" only
+        target="solution",                  # "solution" (CoT + answer) or "answer" only
+        schedule="constant"))               # after warmup: "constant" or "cosine" (to 0)
     return c
 
 

@@ -268,3 +268,15 @@ def test_tiny_tokenizer_is_deterministic(tok_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         with open(os.path.join(tok_dir, name)) as a, open(os.path.join(again, name)) as b:
             assert a.read() == b.read()
+
+
+def test_tiny_tokenizer_vocab_size_is_a_cap(tok_dir, tmp_path):
+    # More entries shorten K&K prompts (configs/tiny.py uses 768); the BPE trainer stops early
+    # once the corpus has no pair left to merge, so the size is a cap, not a promise.
+    small = load_tokenizer(tok_dir)                       # the default, 512
+    mid = load_tokenizer(build_tiny_tokenizer(str(tmp_path / "v768"), vocab_size=768))
+    big = load_tokenizer(build_tiny_tokenizer(str(tmp_path / "v4096"), vocab_size=4096))
+    assert (len(small), len(mid)) == (512, 768) and 768 < len(big) < 4096
+    text = "A very special island is inhabited only by knights and knaves."
+    assert len(mid.encode(text)) < len(small.encode(text))
+    assert big.convert_tokens_to_ids(["<think>", "</think>"]) == [len(big) - 2, len(big) - 1]

@@ -64,7 +64,8 @@ def build_tiny_tokenizer(
 ) -> str:
     """Trains a byte-level BPE tokenizer and saves it as a Hugging Face folder; returns ``out_dir``.
 
-    ``vocab_size`` is the final size.  Ids: ``<|endoftext|>``=0, ``<|im_start|>``=1,
+    ``vocab_size`` is the final size, or less once the corpus has no pair left to merge (the
+    default corpus stops at 857).  Ids: ``<|endoftext|>``=0, ``<|im_start|>``=1,
     ``<|im_end|>``=2, ``<pad>``=3, then the 256 byte symbols and merges, then ``<think>`` and
     ``</think>`` (the last two ids).  eos is ``<|im_end|>`` and
     ``generation_config.json`` lists ``[<|im_end|>, <|endoftext|>]`` like Qwen3's.  The same corpus

@@ -195,8 +195,9 @@ class Trainer:
         params = warm_start.warm_start(
             self.graphdef, self.state.params, examples, steps=cfg.warm_start.steps,
             batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
-            warmup_steps=cfg.warm_start.warmup_steps, seed=cfg.seed, pad_id=self.pad_id,
-            put=lambda batch: self.put(multihost.local_block(batch)))
+            warmup_steps=cfg.warm_start.warmup_steps, schedule=cfg.warm_start.schedule,
+            seed=setup.base_seed(cfg), pad_id=self.pad_id,
+            buckets=self.teacher_buckets, put=lambda batch: self.put(multihost.local_block(batch)))
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
 

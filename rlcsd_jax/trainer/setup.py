@@ -76,7 +76,7 @@ def tokenizer_dir(cfg, workdir: str) -> str:
     path = os.path.join(workdir, "tokenizer")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         if jax.process_index() == 0:
-            build_tiny_tokenizer(path)
+            build_tiny_tokenizer(path, vocab_size=cfg.tiny_tokenizer_vocab)
         multihost.sync("tiny tokenizer written")
     return path
 
@@ -94,7 +94,12 @@ def build_model(cfg, tokenizer, mesh):
     mcfg = models.get_preset(cfg.model.preset, vocab_size=len(tokenizer), **kw)
     logging.info("random init of %s with vocab %d (%d params)", cfg.model.preset,
                  mcfg.vocab_size, models.num_params(mcfg))
-    return sharding.shard_model(models.build(mcfg, seed=cfg.seed), mesh)
+    return sharding.shard_model(models.build(mcfg, seed=base_seed(cfg)), mesh)
+
+
+def base_seed(cfg) -> int:
+    """Seed of the base model (random init, warm start): ``cfg.base_seed``, or ``cfg.seed``."""
+    return cfg.base_seed if cfg.base_seed >= 0 else cfg.seed
 
 
 def read_split(spec: str, cfg, num_generated: int, seed_offset: int) -> list[Record]:

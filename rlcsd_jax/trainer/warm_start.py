@@ -5,6 +5,7 @@ reward 0 everywhere.  A few hundred steps of next-token training on
 `<student prompt> <think>\\n{solution}\\n</think>\\n\\n\\boxed{answer}<eos>` teach the format;
 RL then improves correctness.  Loss: token-mean negative log-likelihood of the response tokens,
 computed with the same chunked scoring code as the RL losses.
+
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rlcsd_jax import scoring, teacher_batch
 
 
 TARGETS = ("solution", "answer")
+SCHEDULES = ("constant", "cosine")
 
 
 def target_text(record, target: str = "solution") -> str:
@@ -65,9 +67,23 @@ def _sft_step(graphdef, params, opt_state, batch, lr, *, tx, length: int):
     return params, opt_state, loss
 
 
+def learning_rate(step: int, *, steps: int, lr: float, warmup_steps: int,
+                  schedule: str = "constant") -> float:
+    """The lr of SFT step ``step`` (0-based): linear warmup over ``warmup_steps`` steps, then
+    ``constant``, or ``cosine`` decay to 0 at ``steps``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"warm_start.schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        return lr * min((step + 1) / max(warmup_steps, 1), 1.0)
+    return float(optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1))(step + 1))
+
+
 def warm_start(graphdef, params, examples, *, steps: int, batch_size: int, lr: float,
-               warmup_steps: int, seed: int, pad_id: int, put=lambda x: x, log_every: int = 50):
-    """Run `steps` SFT steps; returns the new params.  Batches are drawn with a seeded RNG."""
+               warmup_steps: int, seed: int, pad_id: int, schedule: str = "constant",
+               buckets=None, put=lambda x: x, log_every: int = 50):
+    """Run `steps` SFT steps; returns the new params.  Batches are drawn with a seeded RNG and
+    padded to the smallest of ``buckets`` (None: the next power of two) that fits."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
                      optax.add_decayed_weights(0.0))
     opt_state = tx.init(params)
@@ -80,13 +96,14 @@ def warm_start(graphdef, params, examples, *, steps: int, batch_size: int, lr: f
         prompts = [examples[i][0] for i in pick]
         responses = [examples[i][1] for i in pick]
         width = teacher_batch.bucket_length(max(len(p) + len(r) for p, r in
-                                                zip(prompts, responses)))
+                                                zip(prompts, responses)), buckets)
         ids, mask, starts = teacher_batch.pack_rows(prompts, responses, seq_len=width,
                                                     pad_id=pad_id)
         resp_mask = (np.arange(length)[None] < np.array([len(r) for r in responses])[:, None])
         batch = put(dict(input_ids=ids, attention_mask=mask, response_start=starts,
                          response_mask=resp_mask.astype(np.int32)))
-        cur_lr = lr * min((step + 1) / max(warmup_steps, 1), 1.0)
+        cur_lr = learning_rate(step, steps=steps, lr=lr, warmup_steps=warmup_steps,
+                               schedule=schedule)
         params, opt_state, loss = _sft_step(graphdef, params, opt_state, batch,
                                             jnp.float32(cur_lr), tx=tx, length=length)
         if log_every and (step % log_every == 0 or step == steps - 1):

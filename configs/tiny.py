@@ -19,8 +19,8 @@ Sized for a 2-core CPU in well under 10 minutes, which forces departures from th
 - RL lr 3e-4: from 5e-4 up, rlcsd degrades or collapses (fewer correct rollouts -> more
   negative-only groups -> every group dropped); k_max = 2 wrong hints buys RL steps.
 Held-out evaluation is 512 puzzles x 4 samples.  About 6 minutes per run.  Held-out pass@1
-0.378 -> 0.401 / 0.421 / 0.441 for seeds 0-2, but a supervised continuation at the RL lr gains
-as much (docs/tiny_demo.md).
+0.378 -> 0.401 / 0.421 / 0.441 for seeds 0-2; with permuted rewards the model degrades, and a
+supervised continuation at the RL lr gains about as much (docs/tiny_demo.md).
 
     python -m rlcsd_jax.train --config=configs/tiny.py --workdir=/tmp/rlcsd_tiny
 """

@@ -45,7 +45,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
         top_k=20,
         memory_limit_gb=0.0,                # >0: KV-cache budget per rollout batch (clear error)
-        prompt_buckets=()))                # prompt length buckets; () = powers of two
+        prompt_buckets=(),                  # prompt length buckets; () = powers of two
+        permute_rewards=False))             # control run: rewards shuffled across each step
 
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
     c.train = ml_collections.ConfigDict(dict(

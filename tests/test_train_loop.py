@@ -215,3 +215,25 @@ def test_base_seed_fixes_the_base_model_across_run_seeds(tmp_path):
         np.testing.assert_array_equal(a, b)
     unpinned = base_params(2, -1)
     assert any(not np.array_equal(a, b) for a, b in zip(pinned_b, unpinned))
+
+
+def test_permute_rewards_control_removes_the_rewards_information(tmp_path, monkeypatch,
+                                                                  fake_texts):
+    """`rollout.permute_rewards` (a control run): the update sees the step's rewards shuffled
+    across its rollouts, with advantages recomputed; the reward rate is unchanged."""
+    seen = {}
+    real = loop.batches_lib.build_contexts
+
+    def spy(method, ro, *args, **kwargs):
+        seen["ro"] = ro
+        return real(method, ro, *args, **kwargs)
+
+    monkeypatch.setattr(loop.batches_lib, "build_contexts", spy)
+    cfg = tiny_config(tmp_path, "grpo", **{"rollout.permute_rewards": True})
+    tr = loop.Trainer(cfg, str(tmp_path))
+    m = tr.train_step(next(tr.iterator))
+    graded, used = fake_texts["rollouts"].rewards, seen["ro"].rewards
+    assert sorted(used) == sorted(graded) and not np.array_equal(used, graded)
+    assert m["train/reward_mean"] == graded.mean()
+    np.testing.assert_allclose(seen["ro"].advantages,
+                               losses.grpo_advantages_np(used, seen["ro"].group), rtol=1e-6)

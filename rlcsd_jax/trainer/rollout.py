@@ -111,3 +111,10 @@ def sample(generate_fn, tokenizer, encoder: PromptEncoder, records: Sequence[Rec
                     lengths=np.asarray(out["lengths"]), truncated=np.asarray(out["truncated"]),
                     texts=texts, rewards=reward, group=group, advantages=adv)
 
+
+def permute_rewards(ro: Rollouts, rng: np.random.Generator) -> Rollouts:
+    """A control run's rollouts: rewards shuffled across the batch (their rate kept, their link
+    to the answers gone) and the GRPO advantages recomputed from them."""
+    reward = rng.permutation(ro.rewards)
+    adv = losses.grpo_advantages_np(reward, ro.group).astype(np.float32)
+    return dataclasses.replace(ro, rewards=reward, advantages=adv)

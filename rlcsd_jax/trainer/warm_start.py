@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from rlcsd_jax import scoring, teacher_batch
+from rlcsd_jax.trainer import state as state_lib
 
 
 TARGETS = ("solution", "answer")
@@ -73,8 +74,8 @@ def learning_rate(step: int, *, steps: int, lr: float, warmup_steps: int,
     ``constant``, or ``cosine`` decay to 0 at ``steps``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"warm_start.schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    if schedule == "constant":
-        return lr * min((step + 1) / max(warmup_steps, 1), 1.0)
+    if schedule == "constant":   # the RL schedule's, counted in completed SFT steps
+        return state_lib.learning_rate(step + 1, lr, warmup_steps)
     return float(optax.warmup_cosine_decay_schedule(
         0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1))(step + 1))
 

@@ -105,7 +105,7 @@ class Trainer:
                             group_size=cfg.rollout.group_size, buckets=self.prompt_buckets,
                             pad_id=self.pad_id)
         if cfg.rollout.permute_rewards:     # control: the same loop with uninformative rewards
-            ro = rollout.permute_rewards(ro, np.random.default_rng([cfg.seed, self.step, 17]))
+            ro = rollout.permute_rewards(ro, setup.reward_permutation_rng(cfg.seed, self.step))
         t_sample = time.perf_counter()
         rngs = setup.group_rngs(cfg.seed, self.step, jax.process_index() * len(records),
                                 len(records))

@@ -170,6 +170,12 @@ def check_processes(cfg, mesh) -> None:
                              f"{count} processes (each process owns whole prompts)")
 
 
+def reward_permutation_rng(seed: int, step: int) -> np.random.Generator:
+    """The `rollout.permute_rewards` control's shuffle for one step: a stream of its own (its
+    own spawn key), so it never repeats a group's hint draws from `group_rngs`."""
+    return np.random.default_rng(np.random.SeedSequence([seed, step], spawn_key=(1,)))
+
+
 def group_rngs(seed: int, step: int, first_group: int, num_groups: int):
     """One generator per prompt group (hint choice), keyed by the group's index in the GLOBAL
     batch: the draws do not depend on how the batch is split over hosts."""

@@ -31,7 +31,16 @@ from rlcsd_jax.trainer import update as update_lib
 from rlcsd_jax.trainer import warm_start
 
 
+# --- preemption hook (issue 21; used by trainer/run.py) ---------------------------------------
+class Preempted(Exception):
+    """`train_step` stopped right after sampling because `should_stop()` said so; nothing was
+    updated, so the state is still that of the last completed step (`args[0]` = self.step)."""
+# --- end preemption hook ----------------------------------------------------------------------
+
+
 class Trainer:
+    should_stop = None   # preemption hook: a callable checked after sampling (trainer/run.py)
+
     def __init__(self, cfg, workdir: str):
         setup.check_config(cfg)
         self.cfg, self.workdir = cfg, workdir
@@ -107,6 +116,8 @@ class Trainer:
         if cfg.rollout.permute_rewards:     # control: the same loop with uninformative rewards
             ro = rollout.permute_rewards(ro, setup.reward_permutation_rng(cfg.seed, self.step))
         t_sample = time.perf_counter()
+        if self.should_stop is not None and self.should_stop():   # preemption hook (issue 21)
+            raise Preempted(self.step)
         rngs = setup.group_rngs(cfg.seed, self.step, jax.process_index() * len(records),
                                 len(records))
         ctx = batches_lib.build_contexts(cfg.method, ro, self.encoder, rngs,

@@ -74,8 +74,14 @@ def get_base_config() -> ml_collections.ConfigDict:
         num_samples=-1,                     # <0: 12 for math, 1 for logic
         max_new_tokens=38912, batch_prompts=64, max_examples=0))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
-    c.log = ml_collections.ConfigDict(dict(every=1, progress=True))
+    # Saves every `every` steps and also when `every_minutes` have passed since the last save
+    # (0 = off), so a preemption loses little work when steps are long (docs/tpu.md).
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, every_minutes=30.0))
+    # wandb=True also logs to Weights & Biases (pip install 'rlcsd_jax[wandb]'); empty project /
+    # entity / name = W&B's defaults.  The run id is kept in the workdir, so a resume continues.
+    c.log = ml_collections.ConfigDict(dict(every=1, progress=True, wandb=False,
+                                           wandb_project="rlcsd_jax", wandb_entity="",
+                                           wandb_name=""))
 
     # Supervised warm start on dataset solutions before RL (used by the tiny demo).
     c.warm_start = ml_collections.ConfigDict(dict(

@@ -42,6 +42,7 @@ import tempfile
 
 import numpy as np
 
+from rlcsd_jax import storage
 from rlcsd_jax.style_report import (pick_row, render_png, render_table, token_stats,
                                     top_tokens)
 
@@ -260,22 +261,24 @@ def analyze(cfg, out: str, *, workdir: str | None = None, checkpoint: str = "",
     table = render_table(top_c, top_ctr, source=signals["source"], message=signals["message"],
                          num_rollouts=signals["num_rollouts"], num_kept=len(signals["rows"]),
                          num_tokens=n_tokens, min_count=min_count)
-    os.makedirs(out, exist_ok=True)
-    paths = {"table": os.path.join(out, "style_tokens.md"),
-             "json": os.path.join(out, "style_tokens.json"),
-             "png": os.path.join(out, "style_drift.png")}
-    with open(paths["table"], "w") as f:
-        f.write(table)
+    # `out` may be gs://...: every file goes through rlcsd_jax.storage (epath).
+    paths = {"table": storage.join(out, "style_tokens.md"),
+             "json": storage.join(out, "style_tokens.json"),
+             "png": storage.join(out, "style_drift.png")}
+    storage.write_text(paths["table"], table)
     drawn = -1 if not len(signals["rows"]) else (pick_row(signals) if row < 0 else row)
-    render_png(signals, tok, paths["png"], row=drawn)
-    with open(paths["json"], "w") as f:
-        json.dump({"source": signals["source"], "message": signals["message"],
-                   "has_e_ctr": signals["has_e_ctr"], "num_rollouts": signals["num_rollouts"],
-                   "num_kept": len(signals["rows"]), "num_tokens": n_tokens,
-                   "min_count": min_count, "drawn_rollout": (int(signals["rows"][drawn])
-                                                             if drawn >= 0 else None),
-                   "hint_stats": signals["stats"], "top_e_c": _json_safe(top_c),
-                   "top_e_ctr": _json_safe(top_ctr), "tokens": _json_safe(stats)}, f, indent=1)
+    with tempfile.TemporaryDirectory(prefix="rlcsd_style_png_") as scratch:
+        local_png = render_png(signals, tok, os.path.join(scratch, "style_drift.png"), row=drawn)
+        with open(local_png, "rb") as f:
+            storage.write_bytes(paths["png"], f.read())
+    storage.write_text(paths["json"], json.dumps(
+        {"source": signals["source"], "message": signals["message"],
+         "has_e_ctr": signals["has_e_ctr"], "num_rollouts": signals["num_rollouts"],
+         "num_kept": len(signals["rows"]), "num_tokens": n_tokens,
+         "min_count": min_count, "drawn_rollout": (int(signals["rows"][drawn])
+                                                   if drawn >= 0 else None),
+         "hint_stats": signals["stats"], "top_e_c": _json_safe(top_c),
+         "top_e_ctr": _json_safe(top_ctr), "tokens": _json_safe(stats)}, indent=1))
     log.info("wrote %s, %s and %s (hint source: %s)", paths["table"], paths["json"],
              paths["png"], signals["source"])
     return dict(signals=signals, stats=stats, top_e_c=top_c, top_e_ctr=top_ctr, table=table,

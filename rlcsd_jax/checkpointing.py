@@ -346,7 +346,8 @@ class Checkpointer:
 class PreemptionWatcher:
     """Turns SIGTERM (and the JAX preemption sync point on multi-host TPU) into a stop flag.
 
-    The trainer calls `should_stop(step)` at step boundaries; on True it saves and exits 0.
+    The trainer calls `should_stop(step)` at step boundaries and `should_stop()` right after a
+    step's sampling phase (trainer/run.py); on True it saves the last completed step and exits 0.
     A second signal terminates at once (the default action), for a run stuck in a long step.
     The handler is installed only from the main thread (Python allows no other); elsewhere
     the watcher still reports the multi-host sync point.  `close()` restores old handlers.
@@ -378,7 +379,8 @@ class PreemptionWatcher:
         """True once a stop signal arrived (any process) or the preemption sync point is hit.
 
         With several processes the answer is agreed by all of them (a tiny host all-gather),
-        so every host saves at the same step; call it on every host at the same steps.
+        so every host saves at the same step; call it on every host at the same points.  JAX's
+        preemption sync point is consulted only with a `step` (once per step, increasing).
         """
         stop = self._flag.is_set()
         if jax.process_count() > 1:
@@ -394,8 +396,9 @@ class PreemptionWatcher:
         if stop and not self._reported:
             self._reported = True
             name = signal.Signals(self._signum).name if self._signum else "preemption notice"
-            log.warning("%s received at step %s: will checkpoint and stop (send it again to "
-                        "exit at once)", name, step)
+            when = f"after step {step}" if step is not None else "during a step"
+            log.warning("%s received %s: will checkpoint and stop (send it again to exit at "
+                        "once)", name, when)
         return stop
 
     def close(self) -> None:

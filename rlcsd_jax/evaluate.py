@@ -321,7 +321,9 @@ def _saved_config(checkpoints_dir: str, step: int | None) -> dict | None:
 
 
 def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, f))
+    from rlcsd_jax import storage
+
+    return any(storage.exists(storage.join(folder, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
@@ -347,7 +349,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, step: int | None = None,
         raise ValueError("config.data.eval is empty: nothing to evaluate")
     target = resolve_checkpoint(checkpoint, step)
     if target.kind == "model":
-        if not cfg.tokenizer and "://" not in target.path and not _has_tokenizer(target.path):
+        if not cfg.tokenizer and not _has_tokenizer(target.path):
             raise ValueError(f"{target.path} has no tokenizer files; set --config.tokenizer")
         cfg.model.checkpoint = target.path
         trainer = Trainer(cfg, target.path)

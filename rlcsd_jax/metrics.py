@@ -1,7 +1,7 @@
-"""Training metrics: TensorBoard (clu), `metrics.jsonl`, a one-line console progress, hooks.
+"""Training metrics: TensorBoard, `metrics.jsonl`, optional W&B, a console progress line, hooks.
 
     logger = MetricsLogger(workdir, is_host0=jax.process_index() == 0, total_steps=500,
-                           profile_steps=(10, 12))
+                           profile_steps=(10, 12), wandb={"project": "rlcsd_jax"})
     logger.write_hparams(config.to_dict())
     for step in range(1, 501):
         with logger.timed("sample"): ...
@@ -11,9 +11,13 @@
 
 Files under `workdir`: `metrics.jsonl` (one JSON object per `write`: step, unix time, then the
 scalars as floats, non-finite values as null; appended to on resume, so a re-run step appears
-twice and readers keep the last), `tensorboard/` (event files), `hparams.json`, `profile/`
-(jax.profiler traces).  Only process 0 writes anything; other processes' loggers are no-ops.
-TensorFlow (behind clu's writer) is imported only when a TensorBoard writer is made.
+twice and readers keep the last), `tensorboard/` (event files, written by tensorboardX: no
+TensorFlow), `hparams.json`, `profile/` (jax.profiler traces), `wandb_run_id` (with W&B, so a
+resumed run continues the same W&B run).  Only process 0 writes anything; other processes'
+loggers are no-ops.  The workdir may be `gs://...`: every file goes through
+`rlcsd_jax.storage` (an object store cannot append, so metrics.jsonl and the event files are
+uploaded whole at most every `sync_secs` and at every `flush()`, which the trainer calls after
+each checkpoint save, and at `close()`).
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from rlcsd_jax import storage
+
 log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
+WANDB_ID_NAME = "wandb_run_id"
 # (metric key, console label, format) shown in the progress line when present.
 HEADLINE = (("train/reward_mean", "reward", "{:.3f}"),
             ("train/response_length_mean", "len", "{:.0f}"),
@@ -66,17 +74,21 @@ class MetricsLogger:
 
     profile_steps=(start, stop): `on_step` is called after a step finishes; the trace starts
     after step `start` and stops after step `stop`, so it covers steps start+1 … stop.
+    wandb: None, or keyword arguments of `writers.WandbWriter` (project, entity, name).
     """
 
     def __init__(self, workdir: str, *, is_host0: bool = True, console: bool = True,
                  tensorboard: bool = True, jsonl: bool = True, total_steps: int | None = None,
-                 profile_steps: tuple[int, int] | None = None, progress_every_secs: float = 60.0):
+                 profile_steps: tuple[int, int] | None = None, progress_every_secs: float = 60.0,
+                 wandb: dict | None = None, sync_secs: float = 30.0):
         self.workdir = os.fspath(workdir)
         self.is_host0 = is_host0
         self.total_steps = total_steps
         self.console = console and is_host0
-        self.profile_dir = os.path.join(self.workdir, "profile")
-        self.tb_dir = os.path.join(self.workdir, "tensorboard")
+        self.profile_dir = storage.join(self.workdir, "profile")
+        self.tb_dir = storage.join(self.workdir, "tensorboard")
+        self.sync_secs = sync_secs
+        self._last_flush = time.monotonic()
         self._profile_steps = profile_steps
         if profile_steps is not None and not profile_steps[0] < profile_steps[1]:
             raise ValueError(f"profile_steps must be (start, stop) with start < stop, "
@@ -87,17 +99,31 @@ class MetricsLogger:
         self._skipped_keys: set[str] = set()
         if not is_host0:
             return
-        os.makedirs(self.workdir, exist_ok=True)
+        storage.makedirs(self.workdir)
         if jsonl:
-            # Line-buffered append: a crash loses at most the line being written.
-            self._jsonl = open(  # noqa: SIM115 - lives as long as the logger; closed in close()
-                os.path.join(self.workdir, JSONL_NAME), "a", buffering=1)
-        if tensorboard:
-            from clu import metric_writers, periodic_actions  # imports TensorFlow (~5 s)
+            self._jsonl = storage.AppendFile(storage.join(self.workdir, JSONL_NAME),
+                                             sync_secs=sync_secs)
+        sinks = []
+        if tensorboard or wandb is not None:
+            from rlcsd_jax import writers
 
-            self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(self.tb_dir))
-            self._progress = periodic_actions.ReportProgress(
+            mw = writers.metric_writers()
+            if tensorboard:
+                sinks.append(writers.TensorBoardWriter(self.tb_dir))
+            if wandb is not None:
+                sinks.append(writers.WandbWriter(run_id=self._wandb_run_id(), **wandb))
+            self._writer = mw.AsyncWriter(mw.MultiWriter(sinks))
+            self._progress = writers.clu_periodic_actions().ReportProgress(
                 num_train_steps=total_steps, writer=self._writer, every_secs=progress_every_secs)
+
+    def _wandb_run_id(self) -> str:
+        """The W&B run id stored in the workdir (a new one for a new run)."""
+        path = storage.join(self.workdir, WANDB_ID_NAME)
+        if storage.exists(path):
+            return storage.read_text(path).strip()
+        run_id = uuid.uuid4().hex[:16]
+        storage.write_text(path, run_id + "\n")
+        return run_id
 
     # -- scalars -------------------------------------------------------------------------------
     def _floats(self, scalars: Mapping[str, Any]) -> dict[str, float]:
@@ -130,6 +156,8 @@ class MetricsLogger:
         if self._writer is not None and values:
             self._writer.write_scalars(step, values)
         now = time.monotonic()
+        if not storage.is_local(self.workdir) and now - self._last_flush >= self.sync_secs:
+            self.flush()
         self._recent.append((now, step))
         if self.console:
             print(self.progress_line(step, values), flush=True)
@@ -156,8 +184,8 @@ class MetricsLogger:
             return
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
                 for k, v in _flatten(hparams).items()}
-        with open(os.path.join(self.workdir, "hparams.json"), "w") as f:
-            json.dump(flat, f, indent=1, sort_keys=True)
+        storage.write_text(storage.join(self.workdir, "hparams.json"),
+                           json.dumps(flat, indent=1, sort_keys=True))
         if self._writer is not None:
             self._writer.write_hparams(flat)
 
@@ -199,6 +227,8 @@ class MetricsLogger:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def flush(self) -> None:
+        """Write everything buffered; a remote workdir gets the files uploaded."""
+        self._last_flush = time.monotonic()
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._writer is not None:
@@ -224,18 +254,20 @@ class MetricsLogger:
 def read_jsonl(workdir: str) -> list[dict]:
     """Records of `workdir/metrics.jsonl` (or of the file itself), in file order.
 
-    A torn last line (a crash mid-write) is skipped with a warning; nulls stay None.
+    A torn last line (a crash mid-write) is skipped with a warning; nulls stay None.  Local
+    paths and URLs (gs://...) alike.
     """
-    path = workdir if os.path.isfile(workdir) else os.path.join(workdir, JSONL_NAME)
-    if not os.path.exists(path):
+    path = storage.path(workdir)
+    if not path.is_file():
+        path = path / JSONL_NAME
+    if not path.exists():
         raise FileNotFoundError(f"no metrics file at {path} (is this a training workdir?)")
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d is not valid JSON (interrupted write?); skipped", path, lineno)
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not valid JSON (interrupted write?); skipped", path, lineno)
     return records

@@ -6,17 +6,19 @@
 One panel per quantity the paper tracks (reward, validation accuracy, response length, entropy,
 and for RLCSD the contrastive-signal statistics), one colour per workdir.  A panel whose key is
 in no workdir is skipped and said so.  A step logged twice (a run resumed from an earlier
-checkpoint) is plotted with its last value.
+checkpoint) is plotted with its last value.  Workdirs and `--out` may be gs:// URLs.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
 import sys
 
+from rlcsd_jax import storage
 from rlcsd_jax.metrics import read_jsonl
 
 log = logging.getLogger("rlcsd_jax.plot")
@@ -107,9 +109,10 @@ def render(runs: list[tuple[str, list[dict]]], out: str, smooth: float = 0.0) ->
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(out)[1][1:].lower() or "png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(out, buf.getvalue())
     return [p[0] for p in panels]
 
 
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     labels = args.labels.split(",") if args.labels else [
-        os.path.basename(os.path.normpath(w)) for w in args.workdir]
+        os.path.basename(w.rstrip("/")) for w in args.workdir]
     if len(labels) != len(args.workdir):
         parser.error(f"--labels has {len(labels)} names for {len(args.workdir)} workdirs")
     if not 0.0 <= args.smooth < 1.0:

@@ -16,16 +16,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tb_scalars(logdir) -> dict[str, dict[int, float]]:
+    """Scalars of the event files in `logdir`, as TensorBoard reads them."""
     from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
 
     files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     assert files, f"no event files in {logdir}"
-    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                  for e in acc.Tensors(tag)} for tag in acc.Tags()["tensors"]
-            if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 def test_logger_writes_tensorboard_jsonl_and_console(tmp_path, capsys):

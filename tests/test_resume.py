@@ -1,5 +1,6 @@
-"""A run killed (SIGKILL) after a checkpoint, or preempted (SIGTERM) mid-step, resumes to the
-bitwise-same parameters as an uninterrupted run with the same seed (issue: runs that survive).
+"""A run killed (SIGKILL) after a checkpoint, or preempted (SIGTERM) between steps or during a
+step's sampling phase, resumes to the bitwise-same parameters as an uninterrupted run with the
+same seed (issues: runs that survive; 21, preemption within seconds).
 
 Real `python -m rlcsd_jax.train` processes (through tests/train_driver.py, which only swaps in
 deterministic fake answers so rlcsd has rollouts to keep).
@@ -29,12 +30,14 @@ ARGS = [
 ]
 
 
-def start(workdir, slow=False):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def start(workdir, slow=False, env=None, overrides=()):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
     if slow:  # give the test time to signal between checkpoints
         env["RLCSD_TEST_STEP_SLEEP"] = "2"
+    keys = {o.split("=", 1)[0] for o in overrides}
+    args = [a for a in ARGS if a.split("=", 1)[0] not in keys] + list(overrides)
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_driver.py"),
-                             f"--workdir={workdir}", *ARGS], env=env,
+                             f"--workdir={workdir}", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -108,3 +111,42 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, reference):
     rc, out = finish(start(wd))
     assert rc == 0, out[-3000:]
     assert_same(final_params(wd)[0], reference)
+
+
+def saved_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit() and committed(workdir, int(n)))
+
+
+def test_sigterm_during_sampling_exits_within_seconds_and_resumes_bitwise(tmp_path, reference):
+    """SIGTERM while step 3 samples (steps 1-2 done, none saved: checkpoint.every=100, no
+    time-based saves): the run stops after the sampling phase, before any update, saves step 2
+    and exits 0 within 10 s; the resumed run ends bitwise equal to the uninterrupted one."""
+    wd, marker = str(tmp_path / "run"), str(tmp_path / "sampled.txt")
+    proc = start(wd, env={"RLCSD_TEST_SAMPLE_SLEEP": "3", "RLCSD_TEST_SAMPLE_MARKER": marker},
+                 overrides=("--config.checkpoint.every=100",
+                            "--config.checkpoint.every_minutes=0"))
+    wait_for(lambda: os.path.exists(marker) and open(marker).read().count("sampled") >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    rc, out = finish(proc)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, out[-3000:]
+    assert elapsed < 10, f"took {elapsed:.1f}s to stop after SIGTERM"
+    assert "received during a step" in out and "last completed step (2) is saved" in out
+    assert saved_steps(wd) == [2]
+    rc, out = finish(start(wd))
+    assert rc == 0, out[-3000:]
+    assert "resumed from step 2" in out
+    assert_same(final_params(wd)[0], reference)
+
+
+def test_time_based_checkpoints(tmp_path):
+    """checkpoint.every_minutes saves between the step interval's saves: with every=100 and
+    a 1-second clock on 2-second steps every step is saved."""
+    wd = str(tmp_path)
+    rc, out = finish(start(wd, slow=True, overrides=(
+        "--config.checkpoint.every=100", "--config.checkpoint.every_minutes=0.0167",
+        "--config.checkpoint.keep=10")))
+    assert rc == 0, out[-3000:]
+    assert saved_steps(wd) == [1, 2, 3, 4]

@@ -34,6 +34,25 @@ def _slow_steps(seconds: float) -> None:
     loop.Trainer.train_step = train_step
 
 
+def _slow_sampling(seconds: float, marker: str) -> None:
+    """After each step's sampling, append a line to `marker` and sleep: a test can send a
+    signal while a step is in its sampling phase (before any update)."""
+    import time
+
+    from rlcsd_jax.trainer import loop
+
+    real = loop.rollout.sample
+
+    def sample(*args, **kwargs):
+        out = real(*args, **kwargs)
+        with open(marker, "a") as f:
+            f.write("sampled\n")
+        time.sleep(seconds)
+        return out
+
+    loop.rollout.sample = sample
+
+
 if __name__ == "__main__":
     if os.environ.get("RLCSD_TEST_FAKE_PATTERN"):
         fake_rollouts.install(pattern=json.loads(os.environ["RLCSD_TEST_FAKE_PATTERN"]),
@@ -42,4 +61,7 @@ if __name__ == "__main__":
         fake_rollouts.install()
     if os.environ.get("RLCSD_TEST_STEP_SLEEP"):
         _slow_steps(float(os.environ["RLCSD_TEST_STEP_SLEEP"]))
+    if os.environ.get("RLCSD_TEST_SAMPLE_SLEEP"):
+        _slow_sampling(float(os.environ["RLCSD_TEST_SAMPLE_SLEEP"]),
+                       os.environ["RLCSD_TEST_SAMPLE_MARKER"])
     app.run(lambda argv: sys.exit(train.main(argv)))

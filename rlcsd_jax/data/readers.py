@@ -9,16 +9,18 @@
 TFDS lives in ``tfds_reader`` (TensorFlow is slow to import).
 
 A malformed row raises ``ValueError("<file>: row <i>: field '<name>' …")`` (rows count from 0;
-JSONL errors also give the 1-based line number).
+JSONL errors also give the 1-based line number).  Files may be local or URLs (``gs://...``):
+they are opened through ``etils.epath`` (``rlcsd_jax.storage``), so a pod can read its data
+straight from a bucket.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Mapping
 
+from rlcsd_jax import storage
 from rlcsd_jax.data.prompts import strip_legacy_wrappers
 from rlcsd_jax.data.records import Record
 
@@ -105,14 +107,15 @@ def read_verl_parquet(path: str, *, batch_rows: int = 1024) -> list[Record]:
     """All rows of a verl-format parquet file, in file order."""
     import pyarrow.parquet as pq
 
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"parquet file not found: {path}")
     records: list[Record] = []
     row_number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            records.append(verl_row_to_record(row, f"{path}: row {row_number}", row_number))
-            row_number += 1
+    with storage.path(path).open("rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                records.append(verl_row_to_record(row, f"{path}: row {row_number}", row_number))
+                row_number += 1
     return records
 
 
@@ -163,10 +166,10 @@ def read_jsonl(
     path: str, field_map: Mapping[str, str], *, data_source: str | None = None
 ) -> list[Record]:
     """Records from a JSON-lines file; blank lines are skipped (but still counted as lines)."""
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
+    with storage.path(path).open("r", encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

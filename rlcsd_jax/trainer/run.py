@@ -2,7 +2,14 @@
 
 Resumption is exact: the train state, the data-iterator position and the step counter are
 checkpointed together, and all randomness is derived from (seed, step), so a run killed after a
-checkpoint and restarted ends bitwise equal to an uninterrupted one.
+checkpoint and restarted ends bitwise equal to an uninterrupted one (with the same code and
+libraries: `provenance` records them in the workdir and warns on a resume that differs).
+
+Checkpoints are saved every `checkpoint.every` steps and when `checkpoint.every_minutes` have
+passed since the last save.  SIGTERM (preemption) is checked after each step and after each
+step's sampling phase (the longest one, before any update): the run saves the last completed
+step and exits 0 (docs/tpu.md, "Preemption").  Every file goes through `rlcsd_jax.storage`,
+so the workdir may be gs://...
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import time
 import jax
 import numpy as np
 
-from rlcsd_jax import checkpointing, metrics as metrics_lib
-from rlcsd_jax.trainer.loop import Trainer
+from rlcsd_jax import checkpointing, metrics as metrics_lib, multihost, provenance, storage
+from rlcsd_jax.trainer.loop import Preempted, Trainer
 
 
 def _host_state(tr: Trainer, extra: dict) -> dict:
@@ -24,21 +31,54 @@ def _host_state(tr: Trainer, extra: dict) -> dict:
             "config": tr.cfg.to_json_best_effort(), **extra}
 
 
+def _wandb_options(cfg, workdir: str) -> dict | None:
+    if not cfg.log.get("wandb", False):
+        return None
+    return dict(project=cfg.log.wandb_project, entity=cfg.log.wandb_entity,
+                name=cfg.log.wandb_name or os.path.basename(workdir.rstrip("/")),
+                config=cfg.to_dict())
+
+
+class _SaveClock:
+    """`checkpoint.every_minutes`: due once that long has passed since the last save.  All
+    processes agree (any process due -> all save), since a save is collective."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if self.seconds <= 0:
+            return False
+        return bool(multihost.global_max(int(time.monotonic() - self.last >= self.seconds)))
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 def run(cfg, workdir: str) -> dict:
     """Train according to `cfg`; returns the final summary dict (also written to the workdir)."""
-    if "://" not in workdir:  # gs:// workdirs are created by the writers themselves
-        os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     t_start = time.perf_counter()
-    tr = Trainer(cfg, workdir)
     is_host0 = jax.process_index() == 0
+    if is_host0:
+        print("resolved config (override any key with --config.KEY=VALUE):\n" + str(cfg),
+              flush=True)
+    tr = Trainer(cfg, workdir)
     logger = metrics_lib.MetricsLogger(workdir, is_host0=is_host0,
-                                       total_steps=cfg.train.num_steps)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       total_steps=cfg.train.num_steps,
+                                       wandb=_wandb_options(cfg, workdir))
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                       keep_best_metric="eval/avg" if cfg.eval.every else None)
     watcher = checkpointing.PreemptionWatcher()
+    tr.should_stop = watcher.should_stop          # checked right after sampling (no sync point)
+    clock = _SaveClock(cfg.checkpoint.every_minutes)
     summary = {"config": cfg.method}
     restored = ckpt.restore_latest(checkpointing.abstract_like(tr.state))
+    provenance.record(workdir, resumed_from_step=None if restored is None else restored[0],
+                      is_host0=is_host0)
+    logger.write_hparams(cfg.to_dict())
     if restored is not None:
         _, tr.state, host = restored
         tr.step = host["step"]
@@ -54,10 +94,33 @@ def run(cfg, workdir: str) -> dict:
             summary["eval_before"] = ev
         summary["reward_first"] = None
 
+    def save(step, metrics=None, force=False) -> bool:
+        saved = ckpt.maybe_save(step, tr.state, _host_state(tr, {"summary": summary}),
+                                metrics=metrics, force=force)
+        if saved:
+            clock.saved()
+            logger.flush()       # metrics up to this step reach a gs:// workdir with it
+        return saved
+
+    def stop(reason: str) -> dict:
+        ckpt.wait()
+        logging.warning("%s: the last completed step (%d) is saved; exiting", reason, tr.step)
+        summary["preempted_at"] = tr.step
+        logger.close()
+        ckpt.close()
+        watcher.close()
+        return summary
+
     rewards, tokens, t_train = [], 0, time.perf_counter()
     while tr.step < cfg.train.num_steps:
+        position = tr.iterator.get_state()
         records = next(tr.iterator)
-        m = tr.train_step(records)
+        try:
+            m = tr.train_step(records)
+        except Preempted:
+            tr.iterator.set_state(position)   # this step's batch is drawn again on resume
+            save(tr.step, force=True)
+            return stop("preemption during the step")
         step = tr.step
         rewards.append(m["train/reward_mean"])
         if summary.get("reward_first") is None:
@@ -67,16 +130,12 @@ def run(cfg, workdir: str) -> dict:
             m.update(tr.evaluate())
         logger.write(step, m)
         logger.on_step(step)
-        stop = watcher.should_stop(step)
-        ckpt.maybe_save(step, tr.state, _host_state(tr, {"summary": summary}),
-                        metrics={k: v for k, v in m.items() if k.startswith("eval/")},
-                        force=stop)
-        if stop:
-            ckpt.wait()
-            logging.warning("preemption: saved step %d, exiting", step)
-            summary["preempted_at"] = step
-            return summary
-    ckpt.maybe_save(tr.step, tr.state, _host_state(tr, {"summary": summary}), force=True)
+        preempted = watcher.should_stop(step)
+        save(step, metrics={k: v for k, v in m.items() if k.startswith("eval/")},
+             force=preempted or clock.due())
+        if preempted:
+            return stop("preemption")
+    save(tr.step, force=True)
     if cfg.eval.at_end and tr.eval_records:
         ev = tr.evaluate()
         logger.write(tr.step, ev)
@@ -86,11 +145,11 @@ def run(cfg, workdir: str) -> dict:
                    reward_mean_last5=float(np.mean(rewards[-5:])) if rewards else None,
                    tokens_per_s=tokens / max(time.perf_counter() - t_train, 1e-9),
                    wall_time_s=time.perf_counter() - t_start)
-    if is_host0 and "://" not in workdir:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    if is_host0:
+        storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     logger.close()
     ckpt.close()
+    watcher.close()
     return summary
 
 

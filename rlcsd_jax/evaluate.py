@@ -22,7 +22,6 @@ adds (or replaces, by row name) this checkpoint's row in another markdown table.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime
 import json
 import logging
@@ -33,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from rlcsd_jax import checkpoint_lookup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -47,6 +48,12 @@ _APPEND_TO = flags.DEFINE_string(
 _NAME = flags.DEFINE_string("name", None, "Row name in the tables (default: from the path).")
 
 log = logging.getLogger(__name__)
+
+# Checkpoint lookup lives in checkpoint_lookup (shared with `convert --to_hf --src WORKDIR`).
+Target = checkpoint_lookup.Target
+resolve_checkpoint = checkpoint_lookup.resolve_checkpoint
+_read_only_checkpointer = checkpoint_lookup.read_only_checkpointer
+_saved_config = checkpoint_lookup.saved_config
 
 # Paper table groups (RLCSD_SPEC §5): column order, then the group's unweighted mean.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -213,62 +220,6 @@ def table_row(results: Mapping) -> dict:
 # checkpoint resolution and restore
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Target:
-    kind: str                 # "model" or "train_state"
-    path: str                 # model folder, or the checkpoints/ folder
-    step: int | None = None   # requested train-state step (None = latest)
-
-    @property
-    def workdir(self) -> str:
-        return os.path.dirname(self.path.rstrip("/"))
-
-
-def _is_step_dir(p) -> bool:
-    return p.name.isdigit() and p.is_dir()
-
-
-def resolve_checkpoint(path: str, step: int | None = None) -> Target:
-    """What `--checkpoint` points at (see the module docstring)."""
-    from etils import epath
-
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--checkpoint={path} does not exist")
-    path = str(p) if "://" in path else os.path.abspath(path)
-    if (p / "config.json").exists() or (p / "params").is_dir():
-        if step is not None:
-            raise ValueError(f"--step is for train-state checkpoints; {path} is a model folder")
-        return Target("model", path)
-    if (p / "checkpoints").is_dir():
-        return Target("train_state", path.rstrip("/") + "/checkpoints", step)
-    if _is_step_dir(p) and (p / "state").is_dir():
-        if step is not None and step != int(p.name):
-            raise ValueError(f"--step={step} contradicts the step folder {path}")
-        return Target("train_state", os.path.dirname(path.rstrip("/")), int(p.name))
-    if any(_is_step_dir(c) for c in p.iterdir()):
-        return Target("train_state", path, step)
-    raise ValueError(
-        f"--checkpoint={path} is neither a model folder (config.json or params/) nor a training "
-        "workdir / checkpoints folder (numbered step folders)")
-
-
-def _read_only_checkpointer(directory: str):
-    """A Checkpointer that never writes: no tmp-folder cleanup (a live run may be saving
-    there), no folder creation, and damaged steps are skipped but not moved aside."""
-    from rlcsd_jax import checkpointing
-
-    class ReadOnly(checkpointing.Checkpointer):
-        def _make_manager(self, options):
-            return super()._make_manager(dataclasses.replace(options, read_only=True))
-
-        def _quarantine(self, step):
-            log.warning("checkpoint %s/%d looks damaged; left in place (read-only)",
-                            self.directory, step)
-
-    return ReadOnly(directory, async_save=False)
-
-
 def restore_params(trainer, target: Target) -> int:
     """Load the train state of `target` into `trainer.state`; returns the restored step."""
     from rlcsd_jax import checkpointing
@@ -303,21 +254,6 @@ def restore_params(trainer, target: Target) -> int:
         ckpt.close()
     trainer.state = state
     return int(step)
-
-
-def _saved_config(checkpoints_dir: str, step: int | None) -> dict | None:
-    """Best effort: the training config stored in a step's host state (for error messages)."""
-    from etils import epath
-
-    if step is None:
-        return None
-    try:
-        host = json.loads((epath.Path(checkpoints_dir) / str(step) / "host" / "metadata")
-                          .read_text())
-        cfg = host.get("config")
-        return json.loads(cfg) if isinstance(cfg, str) else cfg
-    except Exception:  # noqa: BLE001 - a hint only; orbax's file layout may change
-        return None
 
 
 def _has_tokenizer(folder: str) -> bool:

@@ -124,3 +124,80 @@ def test_converted_checkpoint_with_other_config_names_paths(tmp_path, good):
                                               r"model expects \(2, 64, 80\)"):
         models.load(str(tmp_path / "conv"))
     shutil.rmtree(tmp_path / "conv")
+
+
+# ------------------------------------------------------------------ a training run -> HF
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny training run with a checkpoint at each step."""
+    wd = tmp_path_factory.mktemp("run")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "rlcsd_jax.train",
+                    "--config=" + os.path.join(repo, "configs", "tiny.py"), f"--workdir={wd}",
+                    "--config.method=grpo", "--config.train.num_steps=2",
+                    "--config.checkpoint.every=1", "--config.warm_start.steps=2",
+                    "--config.warm_start.batch_size=4", "--config.data.num_generated_train=16",
+                    "--config.rollout.prompts_per_step=4", "--config.train.minibatch_prompts=4",
+                    "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=8",
+                    "--config.eval.before_train=False", "--config.eval.at_end=False"],
+                   check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return wd
+
+
+def _convert(*args):
+    return subprocess.run([sys.executable, "-m", "rlcsd_jax.convert", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from rlcsd_jax import checkpoint_lookup
+    from rlcsd_jax.convert import _pure
+    from rlcsd_jax.models import hf_io
+
+    out = tmp_path / "hf"
+    p = _convert("--to_hf", "--src", tiny_run, "--out", out)
+    assert p.returncode == 0 and "step 2" in p.stdout, p.stderr
+    assert (out / "tokenizer.json").exists()      # the run's tiny tokenizer travels along
+    mcfg = models.get_preset("qwen3-tiny", vocab_size=768, dtype="float32")
+    for step, folder in ((2, out), (1, tmp_path / "hf1")):
+        if step == 1:
+            assert _convert("--to_hf", "--src", tiny_run / "checkpoints" / "1", "--out",
+                            folder).returncode == 0
+        params = _pure(checkpoint_lookup.restore_subtree(str(tiny_run / "checkpoints"), step))
+        want, got = dict(hf_io.hf_tensors(mcfg, params)), read_all(folder)
+        assert sorted(want) == sorted(got)
+        for name in want:
+            assert got[name].dtype == np.float32
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # transformers loads the export and computes what the trained JAX policy computes.
+    model = models.build(mcfg)
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(abstract, _pure(checkpoint_lookup.restore_subtree(
+        str(tiny_run / "checkpoints"), 2)))
+    model = nnx.merge(graphdef, abstract, rest)
+    ids = np.random.default_rng(0).integers(3, 700, size=(1, 24))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(reloaded, ids), np.asarray(model(ids)), atol=1e-4)
+    # The architecture can also come from a model folder given by hand (--model_dir): the
+    # same tensors, and that folder's config.json kept verbatim.
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "note": "kept"}))
+    p = _convert("--to_hf", "--src", tiny_run, "--model_dir", out, "--out", tmp_path / "hf2")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["note"] == "kept"
+    a, b = read_all(out), read_all(tmp_path / "hf2")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_workdir_errors(tiny_run, tmp_path):
+    p = _convert("--to_hf", "--src", tiny_run, "--step", "7", "--out", tmp_path / "x")
+    assert p.returncode == 1 and "step 7 is not in" in p.stderr and "[1, 2]" in p.stderr
+    p = _convert("--to_hf", "--src", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert p.returncode == 1 and "does not exist" in p.stderr
+    p = _convert("--to_hf", "--src", tiny_run, "--model_dir", tmp_path, "--out", tmp_path / "x")
+    assert p.returncode == 1 and "has no config.json" in p.stderr

@@ -1,7 +1,8 @@
 """Reading TFDS datasets from a local ``data_dir`` (never downloading), and building the K&K one.
 
 TensorFlow Datasets is imported inside the functions: it pulls in TensorFlow, which takes
-seconds to import and is not needed by anything else in the data layer.
+seconds to import and is not needed by anything else in the data layer.  Both are the optional
+`[tfds]` extra (`pip install 'rlcsd_jax[tfds]'`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ import os
 from typing import Mapping
 
 from rlcsd_jax.data.records import Record
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"TFDS datasets need the optional extra: pip install "
+                          f"'rlcsd_jax[tfds]' ({e})") from e
+    return tfds
+
 
 # The K&K builder's features map one-to-one onto Record fields.
 KK_FIELD_MAP = {
@@ -31,7 +41,7 @@ def build_kk_tfds(data_dir: str, config: str = "kk_4to8", **overrides) -> str:
     """
     import dataclasses
 
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     from rlcsd_jax.data import tfds_kk
 
@@ -89,7 +99,7 @@ def read_tfds(
     ``field_map`` maps record fields to (dotted) feature keys; the K&K builder's mapping is the
     default.  Raises FileNotFoundError if the dataset is not prepared there (nothing is fetched).
     """
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     from rlcsd_jax.data.readers import mapped_record
 

@@ -169,3 +169,23 @@ def test_analyze_style_writes_to_gcs(gcs, tokenizer):
         assert {p.name for p in out.iterdir()} == {"style_tokens.md", "style_tokens.json",
                                                    "style_drift.png"}
         assert json.loads((out / "style_tokens.json").read_text())["num_rollouts"] == 4
+
+
+def test_prepare_writes_the_layout_to_gcs(gcs, tmp_path):
+    from rlcsd_jax.data import prepare, readers
+
+    with gcs_emulator.client_env(gcs):
+        out = f"{GS}/data/verl"
+        prepare.prepare(out, source="upstream", names=[prepare.KK_TRAIN, prepare.KK_EVAL],
+                        kk_train_size=4, kk_test_size=1, hub_root=str(tmp_path))
+        assert len(readers.read_records(f"{out}/kk_4to8/train.parquet")) == 4
+        evals = readers.read_records(f"{out}/{prepare.KK_EVAL}/val.parquet")
+        assert [r.data_source for r in evals] == ["kk_4to8_test", "kk_9", "kk_10", "kk_11"]
+        from etils import epath
+
+        assert json.loads(epath.Path(f"{out}/manifest.json").read_text())["files"][
+            "kk_4to8/train.parquet"]["rows"] == 4
+        epath.Path(f"{GS}/data/x.jsonl").write_text('{"q": "1+1?", "a": "2"}\n')
+        (rec,) = readers.read_records(f"{GS}/data/x.jsonl", data_source="toy",
+                                      field_map={"problem": "q", "ground_truth": "a"})
+        assert (rec.problem, rec.ground_truth, rec.data_source) == ("1+1?", "2", "toy")

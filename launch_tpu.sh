@@ -17,12 +17,14 @@ Usage: $PROG COMMAND [OPTIONS] [-- TRAINER_ARGS...]
 Commands
   create    Create the TPU VM (gcloud compute tpus tpu-vm create), or a queued resource
             with --queued (gcloud compute tpus queued-resources create).
-  setup     On every worker: get the code (--repo URL [--ref REF], or --src DIR copied from
-            here), pip install "jax[tpu]" then pip install -e ., optionally copy a converted
-            checkpoint from GCS (--ckpt gs://... [--ckpt_dest DIR]).
-  run       On every worker: start python -m rlcsd_jax.train --config=CONFIG --workdir=WORKDIR
-            [TRAINER_ARGS after --] in the background (nohup, RLCSD_DISTRIBUTED=1), logging to
-            ~/rlcsd_logs/train_worker<N>.log on worker N.
+  setup     On every worker: get the code (--repo URL [--ref REF], resolved here to one
+            commit; or --src DIR packed here once), create a Python 3.11 virtualenv with uv
+            (the images' python3 is 3.10), install "jax[tpu]" and the package pinned by
+            constraints/tpu.txt, optionally copy the data (--data gs://...) and a converted
+            checkpoint (--ckpt gs://... [--ckpt_dest DIR]).
+  run       On every worker: start VENV/bin/python -m rlcsd_jax.train --config=CONFIG
+            --workdir=WORKDIR [TRAINER_ARGS after --] in the background (nohup,
+            RLCSD_DISTRIBUTED=1), logging to ~/rlcsd_logs/train_worker<N>.log on worker N.
   tail      Follow the training log of worker 0 (or --worker N).
   ssh       Interactive shell on worker 0 (or --worker N); with '-- CMD...' run CMD instead
             (--worker all runs it on every worker).
@@ -30,9 +32,10 @@ Commands
   delete    Delete the TPU VM (queued resources: delete --force, which removes the node too).
   babysit   Loop: stop when WORKDIR/DONE exists (exit 0), or WORKDIR/FAILED exists while the
             TPU is READY (exit 1); when the TPU is PREEMPTED / TERMINATED / STOPPED / SUSPENDED / FAILED / missing,
-            delete it, create it again, run setup and run (the trainer resumes from the last
-            checkpoint in WORKDIR); sleep --interval seconds between checks; give up (exit 1)
-            when one more recreation would exceed --max_attempts.
+            delete it, create it again, run setup and run (the same commit and versions every
+            time; the trainer resumes from the last checkpoint in WORKDIR); sleep --interval
+            seconds between checks; give up (exit 1) when one more recreation would exceed
+            --max_attempts.
 
 Options (flag / environment variable; flags override the environment; '_' and '-' are
 interchangeable in flag names; --flag VALUE and --flag=VALUE both work)
@@ -54,11 +57,20 @@ interchangeable in flag names; --flag VALUE and --flag=VALUE both work)
   --wait                                         queued create: wait until ACTIVE
  setup
   --repo URL              RLCSD_REPO             git URL cloned on every worker
-  --ref REF               RLCSD_REF              branch, tag or commit (default: remote HEAD)
+  --ref REF               RLCSD_REF              branch, tag or commit (default: remote HEAD);
+                                                 resolved once (git ls-remote) to a commit
   --src DIR               RLCSD_SRC              local checkout packed (git-tracked and
                                                  untracked non-ignored files) and copied
   --remote_dir DIR        RLCSD_REMOTE_DIR       code dir on the workers (default ~/rlcsd_jax)
-  --python PY             RLCSD_PYTHON           interpreter on the workers (default python3)
+  --python VERSION        RLCSD_PYTHON           Python of the workers' virtualenv, installed
+                                                 by uv (default 3.11; >= 3.11)
+  --venv DIR              RLCSD_VENV             the virtualenv (default ~/rlcsd_venv)
+  --constraints FILE      RLCSD_CONSTRAINTS      pins, relative to --remote_dir (default
+                                                 constraints/tpu.txt; 'none' = unpinned)
+  --extras LIST           RLCSD_EXTRAS           package extras to install, e.g. wandb
+  --data gs://...         RLCSD_DATA             data folder (e.g. prepared by
+                                                 rlcsd_jax.data.prepare) to copy
+  --data_dest DIR         RLCSD_DATA_DEST        default <remote_dir>/data/verl
   --ckpt gs://...         RLCSD_CKPT             converted checkpoint folder to copy
   --ckpt_dest DIR         RLCSD_CKPT_DEST        default ~/checkpoints/<basename of --ckpt>
  run
@@ -87,7 +99,8 @@ interchangeable in flag names; --flag VALUE and --flag=VALUE both work)
 Examples
   export RLCSD_PROJECT=my-proj RLCSD_ZONE=us-central2-b RLCSD_TPU_NAME=rlcsd-v4
   $PROG create --accelerator v4-64 --spot
-  $PROG setup --repo https://github.com/me/rlcsd_jax.git --ckpt gs://b/ckpt/qwen3_1p7b_jax
+  $PROG setup --repo https://github.com/me/rlcsd_jax.git --ckpt gs://b/ckpt/qwen3_1p7b_jax \\
+      --data gs://b/data/verl
   $PROG run --config configs/qwen3_1p7b.py --workdir gs://b/runs/q17 -- --config.seed=1
   $PROG tail --worker 3
   $PROG babysit --accelerator v4-64 --spot --repo https://github.com/me/rlcsd_jax.git \\
@@ -195,7 +208,15 @@ REF=${RLCSD_REF:-}
 SRC=${RLCSD_SRC:-}
 TILDE='~'
 REMOTE_DIR=${RLCSD_REMOTE_DIR:-"$TILDE/rlcsd_jax"}
-PYTHON=${RLCSD_PYTHON:-python3}
+PYTHON=${RLCSD_PYTHON:-3.11}
+VENV=${RLCSD_VENV:-"$TILDE/rlcsd_venv"}
+CONSTRAINTS=${RLCSD_CONSTRAINTS:-constraints/tpu.txt}
+EXTRAS=${RLCSD_EXTRAS:-}
+DATA=${RLCSD_DATA:-}
+DATA_DEST=${RLCSD_DATA_DEST:-}
+# uv (a single binary) creates the workers' virtualenv with its own Python build: the TPU
+# images' python3 is 3.10, and jax >= 0.7, flax 0.12, orbax and transformers 5 need >= 3.11.
+UV_VERSION=0.13.9
 CKPT=${RLCSD_CKPT:-}
 CKPT_DEST=${RLCSD_CKPT_DEST:-}
 CONFIG=${RLCSD_CONFIG:-}
@@ -250,7 +271,8 @@ while [ $# -gt 0 ]; do
           ;;
         --name | --tpu-name | --zone | --project | --accelerator | --accelerator-type | \
           --version | --runtime-version | --create-arg | --repo | --ref | --src | \
-          --remote-dir | --python | --ckpt | --ckpt-dest | --config | --workdir | --env | \
+          --remote-dir | --python | --venv | --constraints | --extras | --data | --data-dest | \
+          --ckpt | --ckpt-dest | --config | --workdir | --env | \
           --worker | --lines | --interval | --max-attempts | --done-marker | --marker-grace)
           if [ "$has_val" = 0 ]; then
             [ $# -gt 0 ] || die "$key needs a value"
@@ -269,6 +291,11 @@ while [ $# -gt 0 ]; do
             --src) SRC=$val ;;
             --remote-dir) REMOTE_DIR=$val ;;
             --python) PYTHON=$val ;;
+            --venv) VENV=$val ;;
+            --constraints) CONSTRAINTS=$val ;;
+            --extras) EXTRAS=$val ;;
+            --data) DATA=$val ;;
+            --data-dest) DATA_DEST=$val ;;
             --ckpt) CKPT=$val ;;
             --ckpt-dest) CKPT_DEST=$val ;;
             --config) CONFIG=$val ;;
@@ -351,6 +378,17 @@ check_setup() {
   fi
   if [ -n "$SRC" ] && [ ! -d "$SRC" ]; then die "--src $SRC is not a directory"; fi
   [ -n "$REMOTE_DIR" ] || die "--remote_dir is empty"
+  [ -n "$VENV" ] || die "--venv is empty"
+  case $PYTHON in
+    3.1[1-9] | 3.1[1-9].* | 3.[2-9][0-9] | 3.[2-9][0-9].* | /*) ;;
+    *) die "--python must be 3.11 or newer (a version uv installs, or an interpreter path), got '$PYTHON'" ;;
+  esac
+  case $EXTRAS in *[!a-z0-9,_-]*) die "bad --extras '$EXTRAS' (want e.g. wandb or wandb,tfds)" ;; esac
+  if [ -n "$DATA" ]; then
+    case $DATA in gs://?*) ;; *) die "--data must be a gs:// folder, got '$DATA'" ;; esac
+    DATA=${DATA%/}
+    if [ -z "$DATA_DEST" ]; then DATA_DEST="${REMOTE_DIR%/}/data/verl"; fi
+  fi
   if [ -n "$CKPT" ]; then
     case $CKPT in gs://?*) ;; *) die "--ckpt must be a gs:// folder, got '$CKPT'" ;; esac
     CKPT=${CKPT%/}
@@ -406,6 +444,7 @@ run_body() {
   cat <<'EOF'
 mkdir -p "$HOME/rlcsd_logs" || exit 1
 cd "$RLCSD_DIR" || { echo "launch_tpu: $RLCSD_DIR missing on $(hostname); run setup first" >&2; exit 1; }
+[ -x "$RLCSD_VENV/bin/python" ] || { echo "launch_tpu: no $RLCSD_VENV on $(hostname); run setup first" >&2; exit 1; }
 EOF
   worker_id_sh
   cat <<'EOF'
@@ -518,15 +557,56 @@ ssh_all() { # COMMAND_STRING
   gc compute tpus tpu-vm ssh "$NAME" "--zone=$ZONE" --worker=all --quiet "--command=$1"
 }
 
-pack_src() { # prints nothing; sets TARBALL
+# ------------------------------------------------------------------------- the code, once
+# `setup` and every `babysit` recreation install the same code: --ref is resolved to a commit
+# once per invocation (pass --ref COMMIT to pin it across invocations too), --src is packed once.
+
+COMMIT=""
+REVISION=""
+TARBALL=""
+
+resolve_ref() { # sets COMMIT
+  local ref=${REF:-HEAD} out
+  if [ ${#ref} = 40 ] && [ -z "${ref//[0-9a-f]/}" ]; then
+    COMMIT=$ref
+    return 0
+  fi
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '# %s   (resolves %s to one commit; not run in a dry run)\n' \
+      "$(qjoin git ls-remote "$REPO" "$ref")" "$ref"
+    COMMIT="<commit of $ref>"
+    return 0
+  fi
+  out=$(git ls-remote "$REPO" "$ref" 2>&1) || die "git ls-remote $REPO $ref failed: $out"
+  # A branch or HEAD: its line; an annotated tag: the commit it points to (the ^{} line).
+  COMMIT=$(printf '%s\n' "$out" | awk -v r="$ref" '
+    $2 == r || $2 == "refs/heads/" r { c = $1 }
+    $2 == "refs/tags/" r && t == "" { t = $1 }
+    $2 == "refs/tags/" r "^{}" { t = $1 }
+    END { print (c != "" ? c : t) }')
+  if [ ${#COMMIT} != 40 ] || [ -n "${COMMIT//[0-9a-f]/}" ]; then
+    die "could not resolve --ref $ref in $REPO (a branch, tag or full 40-character commit)"
+  fi
+  log "code: $REPO at $ref = $COMMIT (every setup of this '$CMD' uses this commit)"
+}
+
+pack_src() { # sets TARBALL and REVISION
+  REVISION=unknown
+  if command -v git >/dev/null 2>&1 && git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    REVISION=$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)
+    if [ -n "$(git -C "$SRC" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+      REVISION="$REVISION+dirty"
+    fi
+  fi
   if [ "$DRY_RUN" = 1 ]; then
     TARBALL="${TMPDIR:-/tmp}/launch_tpu.XXXXXX/rlcsd_src.tar.gz"
-    printf '# pack %s (git-tracked and untracked non-ignored files) into %s\n' "$SRC" "$TARBALL"
+    printf '# pack %s (git-tracked and untracked non-ignored files; revision %s) into %s\n' \
+      "$SRC" "$REVISION" "$TARBALL"
     return 0
   fi
   tmp_dir
   TARBALL="$TMP_DIR/rlcsd_src.tar.gz"
-  log "packing $SRC into $TARBALL"
+  log "packing $SRC ($REVISION) into $TARBALL"
   if command -v git >/dev/null 2>&1 && git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     (
       cd "$SRC"
@@ -539,11 +619,16 @@ pack_src() { # prints nothing; sets TARBALL
   fi
 }
 
+prepare_code() {
+  if [ -n "$SRC" ]; then pack_src; else resolve_ref; fi
+}
+
 setup_src_body() {
   cat <<'EOF'
 mkdir -p "$RLCSD_DIR"
 tar -xzf "$HOME/rlcsd_src.tar.gz" -C "$RLCSD_DIR"
 rm -f "$HOME/rlcsd_src.tar.gz"
+printf '%s\n' "$RLCSD_REVISION" >"$RLCSD_DIR/REVISION"
 EOF
 }
 
@@ -554,17 +639,40 @@ if [ -d "$RLCSD_DIR/.git" ]; then
 else
   git clone "$RLCSD_REPO" "$RLCSD_DIR"
 fi
-git -C "$RLCSD_DIR" fetch origin "$RLCSD_REF"
-git -C "$RLCSD_DIR" checkout --detach FETCH_HEAD
+git -C "$RLCSD_DIR" fetch --tags origin "$RLCSD_REF"
+git -C "$RLCSD_DIR" cat-file -e "$RLCSD_COMMIT^{commit}" 2>/dev/null ||
+  git -C "$RLCSD_DIR" fetch origin "$RLCSD_COMMIT"
+git -C "$RLCSD_DIR" checkout --detach "$RLCSD_COMMIT"
 EOF
 }
 
-# Exactly the README's TPU install: JAX for TPU first, then the package (no test extra).
+# A Python >= 3.11 virtualenv made by a pinned uv, then JAX for TPU and the package (no test
+# extra: it pulls torch, which a TPU worker does not need), every version from the constraints.
 setup_install_body() {
   cat <<'EOF'
 cd "$RLCSD_DIR"
-"$RLCSD_PY" -m pip install "jax[tpu]"
-"$RLCSD_PY" -m pip install -e .
+UV="$HOME/.local/bin/uv"
+if ! "$UV" --version 2>/dev/null | grep -qF "uv $RLCSD_UV_VERSION"; then
+  python3 -m pip install --user --quiet "uv==$RLCSD_UV_VERSION" ||
+    curl -LsSf "https://astral.sh/uv/$RLCSD_UV_VERSION/install.sh" | env UV_NO_MODIFY_PATH=1 sh
+fi
+"$UV" venv --allow-existing --python "$RLCSD_PYTHON" "$RLCSD_VENV"
+"$RLCSD_VENV/bin/python" -c 'import sys; v = sys.version_info; assert v >= (3, 11), "Python %d.%d < 3.11" % v[:2]'
+PKG=.
+if [ -n "$RLCSD_EXTRAS" ]; then PKG=".[$RLCSD_EXTRAS]"; fi
+if [ "$RLCSD_CONSTRAINTS" = none ]; then
+  "$UV" pip install --python "$RLCSD_VENV/bin/python" "jax[tpu]" -e "$PKG"
+else
+  [ -f "$RLCSD_CONSTRAINTS" ] || { echo "launch_tpu: $RLCSD_DIR/$RLCSD_CONSTRAINTS missing" >&2; exit 1; }
+  "$UV" pip install --python "$RLCSD_VENV/bin/python" -c "$RLCSD_CONSTRAINTS" "jax[tpu]" -e "$PKG"
+fi
+EOF
+}
+
+setup_data_body() {
+  cat <<'EOF'
+mkdir -p "$RLCSD_DATA_DEST"
+gcloud storage cp -r "$RLCSD_DATA/*" "$RLCSD_DATA_DEST/"
 EOF
 }
 
@@ -577,23 +685,29 @@ EOF
 
 setup_done_body() {
   cat <<'EOF'
-echo "launch_tpu: $(hostname): set up in $RLCSD_DIR"
+echo "launch_tpu: $(hostname): set up in $RLCSD_DIR ($("$RLCSD_VENV/bin/python" --version 2>&1) in $RLCSD_VENV)"
 EOF
 }
 
+# Call prepare_code first (once per invocation).
 do_setup() {
   local script nl='
 '
-  script="set -e${nl}RLCSD_DIR=$(rpath "$REMOTE_DIR")${nl}RLCSD_PY=$(shquote "$PYTHON")${nl}"
+  script="set -e${nl}RLCSD_DIR=$(rpath "$REMOTE_DIR")${nl}RLCSD_VENV=$(rpath "$VENV")${nl}"
+  script+="RLCSD_PYTHON=$(shquote "$PYTHON")${nl}RLCSD_UV_VERSION=$UV_VERSION${nl}"
+  script+="RLCSD_CONSTRAINTS=$(shquote "$CONSTRAINTS")${nl}RLCSD_EXTRAS=$(shquote "$EXTRAS")${nl}"
   if [ -n "$SRC" ]; then
-    pack_src || return 1
     gc compute tpus tpu-vm scp "$TARBALL" "$NAME:rlcsd_src.tar.gz" "--zone=$ZONE" --worker=all --quiet || return 1
-    script+="$(setup_src_body)${nl}"
+    script+="RLCSD_REVISION=$(shquote "$REVISION")${nl}$(setup_src_body)${nl}"
   else
     script+="RLCSD_REPO=$(shquote "$REPO")${nl}RLCSD_REF=$(shquote "${REF:-HEAD}")${nl}"
-    script+="$(setup_git_body)${nl}"
+    script+="RLCSD_COMMIT=$(shquote "$COMMIT")${nl}$(setup_git_body)${nl}"
   fi
   script+="$(setup_install_body)${nl}"
+  if [ -n "$DATA" ]; then
+    script+="RLCSD_DATA=$(shquote "$DATA")${nl}RLCSD_DATA_DEST=$(rpath "$DATA_DEST")${nl}"
+    script+="$(setup_data_body)${nl}"
+  fi
   if [ -n "$CKPT" ]; then
     script+="RLCSD_CKPT=$(shquote "$CKPT")${nl}RLCSD_CKPT_DEST=$(rpath "$CKPT_DEST")${nl}"
     script+="$(setup_ckpt_body)${nl}"
@@ -604,14 +718,14 @@ do_setup() {
 
 do_run() {
   local script kv train
-  train=("$PYTHON" -m rlcsd_jax.train "--config=$CONFIG" "--workdir=$WORKDIR"
-    ${EXTRA[@]+"${EXTRA[@]}"})
+  train=(-m rlcsd_jax.train "--config=$CONFIG" "--workdir=$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})
   script="RLCSD_DIR=$(rpath "$REMOTE_DIR")
+RLCSD_VENV=$(rpath "$VENV")
 RLCSD_WORKDIR=$(shquote "$WORKDIR")
 RLCSD_MARKER=$(shquote "$DONE_MARKER")
 RLCSD_GRACE=$MARKER_GRACE
 RLCSD_FORCE=$FORCE
-set -- $(qjoin "${train[@]}")
+set -- \"\$RLCSD_VENV/bin/python\" $(qjoin "${train[@]}")
 export RLCSD_DISTRIBUTED=1
 "
   for kv in ${ENV_VARS[@]+"${ENV_VARS[@]}"}; do
@@ -772,6 +886,7 @@ case $CMD in
     no_extra
     check_common
     check_setup
+    prepare_code
     do_setup
     ;;
   run)
@@ -807,6 +922,7 @@ case $CMD in
     check_setup
     check_run
     check_babysit
+    prepare_code
     do_babysit
     ;;
   *) die "unknown command '$CMD' (see $PROG --help)" ;;

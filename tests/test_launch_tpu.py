@@ -4,13 +4,18 @@ The fake appends one JSON line per call ({"prog": ..., "argv": [...]}) to calls.
 state directory and answers from files there:
   state          the TPU's state ("READY", or several words: each describe pops the first one
                  until one is left); absent = NOT_FOUND.  create writes FAKE_CREATE_STATES
-                 (comma separated; default READY, or ACTIVE for queued resources), delete
-                 removes the file.
+                 (comma separated; default READY, or ACTIVE for queued resources; groups
+                 separated by ';' are used by successive creates), delete removes the file.
   markers/NAME   objects in the workdir (`gcloud storage ls .../NAME` succeeds when present;
                  `gcloud storage cp FILE gs://.../NAME` creates, `storage rm` removes).
-FAKE_DONE_AFTER_RUN=1 makes an ssh that starts the trainer create markers/DONE;
-FAKE_SSH_EXEC=1 makes that ssh execute its --command locally with bash (a real end-to-end run
-of the remote script against a fake trainer, a fake `curl` and the fake `gcloud storage`).
+FAKE_DONE_AFTER_RUN=1 makes an ssh that starts the trainer create markers/DONE.
+FAKE_SSH_EXEC=1 makes every ssh execute its --command locally with bash, as a worker would: a
+real end-to-end run of the remote scripts against fakes of what a TPU VM has (`python3` 3.10
+with pip, `curl` for the metadata server, `git`, and the `uv` that setup installs, whose
+virtualenv python runs a fake trainer).  FAKE_WORKERS=N runs it once per worker, each with its
+own HOME (state/workers/w<i>), which `delete` wipes (a recreated VM has an empty disk) after
+killing the trainers.  The fakes log to state/remote.jsonl; `git ls-remote` on the launching
+machine answers FAKE_LS_REMOTE_SHAS (comma separated, one per call, the last repeated).
 """
 
 import json
@@ -24,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "launch_tpu.sh"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch_tpu.sh"
 
-FAKE_GCLOUD = r'''#!{python} -S
-import json, os, pathlib, subprocess, sys, tarfile
+FAKE_GCLOUD = r"""#!{python} -S
+import json, os, pathlib, shutil, signal, subprocess, sys, tarfile
 
 prog = os.path.basename(sys.argv[0])
 argv = sys.argv[1:]
@@ -47,6 +53,20 @@ def opt(name):
 def log():
     with open(root / "calls.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def worker_homes():
+    n = int(os.environ.get("FAKE_WORKERS", "0"))
+    if not n:
+        return [(0, os.environ["HOME"])]
+    return [(i, str(root / "workers" / f"w{{i}}")) for i in range(n)]
+
+
+def counter(name):
+    f = root / name
+    k = int(f.read_text()) if f.exists() else 0
+    f.write_text(str(k + 1))
+    return k
 
 
 rc = 0
@@ -70,23 +90,44 @@ if prog == "gcloud" and argv[:2] == ["compute", "tpus"] and len(argv) > 3:
             sys.stderr.write("ERROR: RESOURCE_EXHAUSTED\n")
             rc = 1
         else:
-            sfile.write_text(" ".join(os.environ.get("FAKE_CREATE_STATES", default).split(",")))
+            groups = os.environ.get("FAKE_CREATE_STATES", default).split(";")
+            states = groups[min(counter("creates"), len(groups) - 1)]
+            sfile.write_text(" ".join(states.split(",")))
     elif verb == "delete":
         if sfile.exists():
             sfile.unlink()
+        if os.environ.get("FAKE_WORKERS"):   # the VMs go away: their processes and disks
+            for _, home in worker_homes():
+                pid = pathlib.Path(home) / "rlcsd_logs" / "train.pid"
+                if pid.exists():
+                    try:
+                        os.killpg(int(pid.read_text()), signal.SIGKILL)
+                    except OSError:
+                        pass
+            shutil.rmtree(root / "workers", ignore_errors=True)
+            (root / "hold_trainer").unlink(missing_ok=True)
     elif verb == "scp":
         for a in argv[4:]:
             if a.endswith(".tar.gz") and os.path.exists(a):
                 with tarfile.open(a) as t:
                     entry["tar_members"] = sorted(t.getnames())
+                if os.environ.get("FAKE_SSH_EXEC") == "1":
+                    for _, home in worker_homes():
+                        os.makedirs(home, exist_ok=True)
+                        shutil.copy(a, os.path.join(home, "rlcsd_src.tar.gz"))
     elif verb == "ssh":
         cmd = opt("--command")
         if cmd is not None and "rlcsd_jax.train" in cmd:
             if os.environ.get("FAKE_DONE_AFTER_RUN") == "1":
                 (markers / "DONE").touch()
-            if os.environ.get("FAKE_SSH_EXEC") == "1":
-                log()
-                sys.exit(subprocess.run(["bash", "-c", cmd]).returncode)
+        if cmd is not None and os.environ.get("FAKE_SSH_EXEC") == "1":
+            log()
+            for i, home in worker_homes():
+                os.makedirs(home, exist_ok=True)
+                env = dict(os.environ, HOME=home, FAKE_WORKER_ID=str(i),
+                           PATH=os.environ["FAKE_REMOTE_BIN"] + os.pathsep + os.environ["PATH"])
+                rc = rc or subprocess.run(["bash", "-c", cmd], env=env, cwd=home).returncode
+            sys.exit(rc)
 elif prog == "gcloud" and argv[:2] == ["storage", "ls"]:
     name = argv[2].rstrip("/").rsplit("/", 1)[1]
     if (markers / name).exists():
@@ -94,6 +135,9 @@ elif prog == "gcloud" and argv[:2] == ["storage", "ls"]:
     else:
         sys.stderr.write("ERROR: One or more URLs matched no objects.\n")
         rc = 1
+elif prog == "gcloud" and argv[:3] == ["storage", "cp", "-r"]:   # a folder to a worker's disk
+    os.makedirs(argv[4], exist_ok=True)
+    pathlib.Path(argv[4], "FAKE_COPY").write_text(argv[3])
 elif prog == "gcloud" and argv[:2] == ["storage", "cp"] and argv[-1].startswith("gs://"):
     (markers / argv[-1].rsplit("/", 1)[1]).write_text(open(argv[2]).read())
 elif prog == "gcloud" and argv[:2] == ["storage", "rm"]:
@@ -106,17 +150,91 @@ elif prog == "gcloud" and argv[:2] == ["storage", "rm"]:
                 rc = 1
 log()
 sys.exit(rc)
-'''
+"""
+
+# git on the launching machine (ls-remote) and on the workers (clone into a fake checkout with
+# the repository's constraints file); anything else goes to the real git.
+FAKE_GIT = r"""#!{python} -S
+import json, os, pathlib, shutil, sys
+
+argv = sys.argv[1:]
+root = pathlib.Path(os.environ["FAKE_STATE"])
+
+
+def remote_log(**kw):
+    with open(root / "remote.jsonl", "a") as f:
+        f.write(json.dumps(dict(worker=os.environ.get("FAKE_WORKER_ID"), **kw)) + "\n")
+
+
+if argv[:1] == ["ls-remote"]:
+    shas = os.environ["FAKE_LS_REMOTE_SHAS"].split(",")
+    f = root / "ls_remote_calls"
+    k = int(f.read_text()) if f.exists() else 0
+    f.write_text(str(k + 1))
+    ref = argv[2] if argv[2] == "HEAD" else "refs/heads/" + argv[2]
+    print(shas[min(k, len(shas) - 1)] + "\t" + ref)
+    sys.exit(0)
+if argv[:1] == ["clone"]:
+    dest = pathlib.Path(argv[2])
+    (dest / ".git").mkdir(parents=True, exist_ok=True)
+    (dest / "constraints").mkdir(exist_ok=True)
+    shutil.copy({constraints!r}, dest / "constraints" / "tpu.txt")
+    remote_log(prog="git", argv=argv)
+    sys.exit(0)
+if argv[:1] == ["-C"] and (pathlib.Path(argv[1]) / ".git").is_dir() and not (
+        pathlib.Path(argv[1]) / ".git" / "HEAD").exists():
+    remote_log(prog="git", argv=argv[2:])
+    sys.exit(1 if argv[2] == "cat-file" else 0)   # the commit arrives with the 2nd fetch
+os.execv({git!r}, ["git"] + argv)
+"""
+
+# The TPU image's python3 (3.10): only `pip install --user uv==V`, which installs FAKE_UV.
+FAKE_IMAGE_PYTHON = r"""#!/bin/sh
+if [ "$1 $2 $3 $4" = "-m pip install --user" ]; then
+  mkdir -p "$HOME/.local/bin"
+  cp "$(dirname "$0")/uv" "$HOME/.local/bin/uv"
+  echo "{{\"worker\": \"$FAKE_WORKER_ID\", \"prog\": \"python3\", \"argv\": \"$*\"}}" >> "$FAKE_STATE/remote.jsonl"
+  exit 0
+fi
+echo "fake image python3 (3.10): unexpected $*" >&2
+exit 3
+"""
+
+# uv: `venv` makes a virtualenv whose python is the real (>= 3.11) interpreter, except that
+# `-m rlcsd_jax.train` runs the fake trainer; `pip install` records its arguments.
+FAKE_UV = r"""#!{python} -S
+import json, os, pathlib, stat, sys
+
+argv = sys.argv[1:]
+with open(os.path.join(os.environ["FAKE_STATE"], "remote.jsonl"), "a") as f:
+    f.write(json.dumps(dict(worker=os.environ.get("FAKE_WORKER_ID"), prog="uv", argv=argv,
+                            cwd=os.getcwd(), home=os.environ["HOME"])) + "\n")
+if argv == ["--version"]:
+    print("uv {uv_version}")
+elif argv[:1] == ["venv"]:
+    py = pathlib.Path(argv[-1]) / "bin" / "python"
+    py.parent.mkdir(parents=True, exist_ok=True)
+    py.write_text({venv_python!r})
+    py.chmod(py.stat().st_mode | stat.S_IXUSR)
+elif argv[:2] == ["pip", "install"] and "-c" in argv:
+    if not os.path.exists(argv[argv.index("-c") + 1]):
+        sys.exit("uv: constraints file not found")
+"""
+
+VENV_PYTHON = """#!/bin/sh
+if [ "$1 $2" = "-m rlcsd_jax.train" ]; then
+  {{ printf '%s\\n' "$@"; echo "RLCSD_DISTRIBUTED=$RLCSD_DISTRIBUTED"; echo "EXTRA_ENV=$EXTRA_ENV"; \\
+    echo "PWD=$PWD"; echo "PY=$0"; echo "VERSION=$({python} --version 2>&1)"; }} > "$HOME/trainer_args.txt"
+  echo "{{\\"worker\\": \\"$FAKE_WORKER_ID\\", \\"prog\\": \\"trainer\\", \\"py\\": \\"$0\\"}}" >> "$FAKE_STATE/remote.jsonl"
+  while [ -e "$FAKE_STATE/hold_trainer" ]; do sleep 0.1; done
+  sleep "${{FAKE_TRAIN_SLEEP:-0}}"
+  exit "${{FAKE_TRAIN_RC:-0}}"
+fi
+exec {python} "$@"
+"""
 
 FAKE_CURL = """#!/bin/sh
 echo "${FAKE_WORKER_ID:-0}"
-"""
-
-FAKE_TRAINER = """#!/bin/sh
-{ printf '%s\\n' "$@"; echo "RLCSD_DISTRIBUTED=$RLCSD_DISTRIBUTED"; echo "EXTRA_ENV=$EXTRA_ENV"; \
-  echo "PWD=$PWD"; } > "$HOME/trainer_args.txt"
-sleep "${FAKE_TRAIN_SLEEP:-0}"
-exit "${FAKE_TRAIN_RC:-0}"
 """
 
 
@@ -125,30 +243,53 @@ def _write_exe(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
+def _uv_version() -> str:
+    for line in SCRIPT.read_text().splitlines():
+        if line.startswith("UV_VERSION="):
+            return line.split("=", 1)[1]
+    raise AssertionError("no UV_VERSION in launch_tpu.sh")
+
+
 class Env:
-    """A sandbox: fake gcloud/gsutil/curl on PATH, a state dir, a HOME, and a runner."""
+    """A sandbox: fake gcloud/gsutil/git on PATH, fakes of a worker's tools, a state dir, a
+    HOME, and a runner."""
 
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.bin = tmp_path / "bin"
+        self.remote_bin = tmp_path / "remote_bin"
         self.state = tmp_path / "state"
         self.home = tmp_path / "home"
-        for d in (self.bin, self.state, self.home):
+        for d in (self.bin, self.remote_bin, self.state, self.home):
             d.mkdir()
         fake = FAKE_GCLOUD.format(python=sys.executable)
         _write_exe(self.bin / "gcloud", fake)
         _write_exe(self.bin / "gsutil", fake)
-        _write_exe(self.bin / "curl", FAKE_CURL)
-        _write_exe(self.bin / "fake_python", FAKE_TRAINER)
+        _write_exe(self.bin / "git", FAKE_GIT.format(
+            python=sys.executable, git=shutil.which("git"),
+            constraints=str(ROOT / "constraints" / "tpu.txt")))
+        _write_exe(self.remote_bin / "curl", FAKE_CURL)
+        _write_exe(self.remote_bin / "python3", FAKE_IMAGE_PYTHON.format())
+        self.venv_python = VENV_PYTHON.format(python=sys.executable)
+        _write_exe(self.remote_bin / "uv", FAKE_UV.format(
+            python=sys.executable, uv_version=_uv_version(), venv_python=self.venv_python))
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RLCSD_", "FAKE_"))
         }
         self.env.update(
             PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
             FAKE_STATE=str(self.state),
+            FAKE_REMOTE_BIN=str(self.remote_bin),
+            FAKE_LS_REMOTE_SHAS="a" * 40,
             HOME=str(self.home),
             TMPDIR=str(tmp_path),
         )
+
+    def make_venv(self, path: Path) -> Path:
+        """A virtualenv as setup leaves it (its python runs the fake trainer)."""
+        (path / "bin").mkdir(parents=True, exist_ok=True)
+        _write_exe(path / "bin" / "python", self.venv_python)
+        return path
 
     def run(self, *args, env=None, timeout=20, **kw):
         e = dict(self.env)
@@ -162,6 +303,10 @@ class Env:
         if not f.exists():
             return []
         return [json.loads(line) for line in f.read_text().splitlines()]
+
+    def remote(self):
+        f = self.state / "remote.jsonl"
+        return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
     def gcloud_calls(self, *prefix):
         return [c["argv"] for c in self.calls()
@@ -325,25 +470,41 @@ def test_no_project_means_no_project_flag(sb):
 # ------------------------------------------------------------------------------------ setup
 
 
-def test_setup_from_repo_installs_like_the_readme_and_copies_the_checkpoint(sb):
+def test_setup_from_repo_pins_the_commit_python_and_versions_and_copies_data(sb):
     _ok(sb.run("setup", *BASE, "--repo", "https://github.com/me/rlcsd_jax.git", "--ref", "v1",
-               "--ckpt", "gs://bkt/ckpt/qwen3_1p7b_jax/"))
+               "--ckpt", "gs://bkt/ckpt/qwen3_1p7b_jax/", "--data", "gs://bkt/data/verl/"))
     (argv,) = sb.gcloud_calls()
     assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "rl-pod"]
     assert "--worker=all" in argv and "--zone=us-central2-b" in argv
     assert "--project=my-proj" in argv
     cmd = _command_of(argv)
     assert "RLCSD_REPO=https://github.com/me/rlcsd_jax.git" in cmd and "RLCSD_REF=v1" in cmd
+    assert f"RLCSD_COMMIT={'a' * 40}\n" in cmd        # resolved here, once
     assert 'git clone "$RLCSD_REPO" "$RLCSD_DIR"' in cmd
-    assert 'RLCSD_DIR="$HOME"/rlcsd_jax' in cmd
-    tpu = cmd.index('-m pip install "jax[tpu]"')
-    editable = cmd.index("-m pip install -e .")
-    assert tpu < editable
-    assert "[test]" not in cmd
+    assert 'git -C "$RLCSD_DIR" checkout --detach "$RLCSD_COMMIT"' in cmd
+    assert 'RLCSD_DIR="$HOME"/rlcsd_jax' in cmd and 'RLCSD_VENV="$HOME"/rlcsd_venv' in cmd
+    assert "RLCSD_PYTHON=3.11\n" in cmd and "RLCSD_CONSTRAINTS=constraints/tpu.txt\n" in cmd
+    assert '"$UV" venv --allow-existing --python "$RLCSD_PYTHON" "$RLCSD_VENV"' in cmd
+    assert ('"$UV" pip install --python "$RLCSD_VENV/bin/python" -c "$RLCSD_CONSTRAINTS" '
+            '"jax[tpu]" -e "$PKG"') in cmd
+    assert "[test]" not in cmd and "python3 -m pip install -e" not in cmd
     assert "RLCSD_CKPT=gs://bkt/ckpt/qwen3_1p7b_jax\n" in cmd
     assert 'RLCSD_CKPT_DEST="$HOME"/checkpoints/qwen3_1p7b_jax' in cmd
     assert 'gcloud storage cp -r "$RLCSD_CKPT/*" "$RLCSD_CKPT_DEST/"' in cmd
-    assert cmd.index("pip install -e .") < cmd.index("gcloud storage cp")
+    assert "RLCSD_DATA=gs://bkt/data/verl\n" in cmd
+    assert 'RLCSD_DATA_DEST="$HOME"/rlcsd_jax/data/verl' in cmd
+    assert cmd.index("pip install --python") < cmd.index("gcloud storage cp")
+
+
+def test_setup_refuses_an_old_python_and_bad_values(sb):
+    for args, needle in ((["--python", "3.10"], "3.11 or newer"),
+                         (["--data", "/local/data"], "--data must be a gs://"),
+                         (["--extras", "wandb;rm"], "bad --extras")):
+        p = sb.run("setup", *BASE, "--repo", "https://x/y.git", *args)
+        assert p.returncode == 2 and needle in p.stderr
+    p = sb.run("setup", *BASE, "--repo", "https://x/y.git", env={"FAKE_LS_REMOTE_SHAS": "oops"})
+    assert p.returncode == 2 and "could not resolve --ref HEAD" in p.stderr
+    assert sb.calls() == []
 
 
 def test_setup_from_local_src_packs_and_copies_to_every_worker(sb, tmp_path):
@@ -359,7 +520,9 @@ def test_setup_from_local_src_packs_and_copies_to_every_worker(sb, tmp_path):
     subprocess.run([*git, "-C", str(src), "add", "pyproject.toml", ".gitignore"], check=True)
     subprocess.run([*git, "-C", str(src), "commit", "-qm", "x"], check=True)
     _ok(sb.run("setup", *BASE, "--src", str(src), "--remote_dir", "/opt/code",
-               "--python", "/opt/venv/bin/python"))
+               "--python", "/opt/py312/bin/python3", "--venv", "/opt/venv", "--extras", "wandb"))
+    rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
     scp, ssh = sb.calls()
     assert scp["argv"][:4] == ["compute", "tpus", "tpu-vm", "scp"]
     assert "--worker=all" in scp["argv"] and "--zone=us-central2-b" in scp["argv"]
@@ -369,8 +532,13 @@ def test_setup_from_local_src_packs_and_copies_to_every_worker(sb, tmp_path):
     assert ssh["argv"][:5] == ["compute", "tpus", "tpu-vm", "ssh", "rl-pod"]
     assert "--worker=all" in ssh["argv"]
     cmd = _command_of(ssh["argv"])
-    assert "RLCSD_DIR=/opt/code" in cmd and "RLCSD_PY=/opt/venv/bin/python" in cmd
+    assert "RLCSD_DIR=/opt/code" in cmd and "RLCSD_VENV=/opt/venv" in cmd
+    assert "RLCSD_PYTHON=/opt/py312/bin/python3" in cmd and "RLCSD_EXTRAS=wandb" in cmd
     assert 'tar -xzf "$HOME/rlcsd_src.tar.gz" -C "$RLCSD_DIR"' in cmd
+    # The checkout's commit goes along (the trainer records it): untracked files do not
+    # make it dirty, a modified tracked file would.
+    assert f"RLCSD_REVISION={rev}\n" in cmd
+    assert "printf '%s\\n' \"$RLCSD_REVISION\" >\"$RLCSD_DIR/REVISION\"" in cmd
     assert "git clone" not in cmd
     # The temporary tarball is removed afterwards.
     assert not list(tmp_path.glob("launch_tpu.*"))
@@ -392,8 +560,9 @@ def test_run_passes_config_workdir_and_extra_args_to_every_worker(sb):
     assert "--worker=all" in argv and "--zone=us-central2-b" in argv
     assert "--project=my-proj" in argv
     cmd = _command_of(argv)
-    assert ("set -- python3 -m rlcsd_jax.train --config=configs/qwen3_1p7b.py "
+    assert ('set -- "$RLCSD_VENV/bin/python" -m rlcsd_jax.train --config=configs/qwen3_1p7b.py '
             "--workdir=gs://bkt/runs/q17 --config.seed=3 '--config.name=it'\\''s a test'") in cmd
+    assert 'RLCSD_VENV="$HOME"/rlcsd_venv' in cmd
     assert "export RLCSD_DISTRIBUTED=1" in cmd and "export WANDB_MODE=offline" in cmd
     assert "RLCSD_GRACE=120\n" in cmd and "RLCSD_MARKER=DONE\n" in cmd
     assert "nohup" in cmd
@@ -418,7 +587,8 @@ def test_run_remote_script_end_to_end(sb, train_rc, marker):
     code.mkdir()
     (sb.state / "markers").mkdir()
     (sb.state / "markers" / "DONE").write_text("stale")
-    _ok(sb.run("run", *BASE, *RUN, "--python", str(sb.bin / "fake_python"),
+    venv = sb.make_venv(sb.tmp / "venv")
+    _ok(sb.run("run", *BASE, *RUN, "--venv", str(venv),
                "--env", "EXTRA_ENV=a b", "--marker_grace", "0", "--", "--config.x=it's",
                env={"FAKE_SSH_EXEC": "1", "FAKE_TRAIN_RC": str(train_rc)}))
     log = sb.home / "rlcsd_logs" / "train_worker0.log"
@@ -429,9 +599,9 @@ def test_run_remote_script_end_to_end(sb, train_rc, marker):
     text = log.read_text()
     assert f"trainer exited with status {train_rc} (signal received: 0)" in text
     args = (sb.home / "trainer_args.txt").read_text().splitlines()
-    assert args == ["-m", "rlcsd_jax.train", "--config=configs/qwen3_1p7b.py",
-                    "--workdir=gs://bkt/runs/q17", "--config.x=it's", "RLCSD_DISTRIBUTED=1",
-                    "EXTRA_ENV=a b", f"PWD={code}"]
+    assert args[:-1] == ["-m", "rlcsd_jax.train", "--config=configs/qwen3_1p7b.py",
+                         "--workdir=gs://bkt/runs/q17", "--config.x=it's", "RLCSD_DISTRIBUTED=1",
+                         "EXTRA_ENV=a b", f"PWD={code}", f"PY={venv}/bin/python"]
     deadline = time.time() + 10
     while time.time() < deadline and not (sb.state / "markers" / marker).exists():
         time.sleep(0.05)
@@ -445,7 +615,8 @@ def test_run_remote_script_end_to_end(sb, train_rc, marker):
 def test_run_refuses_a_second_trainer_and_force_stops_it_without_markers(sb):
     """A trainer stopped by SIGTERM (preemption, run --force) leaves no DONE/FAILED marker."""
     (sb.home / "rlcsd_jax").mkdir()
-    args = ["run", *BASE, *RUN, "--python", str(sb.bin / "fake_python"), "--marker_grace=0"]
+    args = ["run", *BASE, *RUN, "--venv", str(sb.make_venv(sb.tmp / "venv")),
+            "--marker_grace=0"]
     log = sb.home / "rlcsd_logs" / "train_worker0.log"
     pidf = sb.home / "rlcsd_logs" / "train.pid"
     env = {"FAKE_SSH_EXEC": "1", "FAKE_TRAIN_SLEEP": "60"}
@@ -480,7 +651,7 @@ def test_no_marker_when_the_vm_is_signalled_during_the_grace_period(sb):
     preempted); this VM's own SIGTERM arrives during the grace period: no DONE marker."""
     (sb.home / "rlcsd_jax").mkdir()
     log = sb.home / "rlcsd_logs" / "train_worker0.log"
-    _ok(sb.run("run", *BASE, *RUN, "--python", str(sb.bin / "fake_python"),
+    _ok(sb.run("run", *BASE, *RUN, "--venv", str(sb.make_venv(sb.tmp / "venv")),
                "--marker_grace", "60", env={"FAKE_SSH_EXEC": "1"}))
     pgid = int((sb.home / "rlcsd_logs" / "train.pid").read_text())
     try:
@@ -647,16 +818,48 @@ def test_babysit_recovers_a_preempted_tpu_even_with_a_failed_marker(sb):
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="setsid (util-linux) not installed")
-def test_babysit_end_to_end_with_the_real_remote_run_script(sb):
-    """Preempted -> recreate -> setup -> run (executed locally) -> trainer exits 0 ->
-    worker 0 writes WORKDIR/DONE -> babysit stops."""
-    (sb.home / "rlcsd_jax").mkdir()
-    sb.set_state("TERMINATED")
-    p = _ok(sb.run("babysit", *BABYSIT, "--python", str(sb.bin / "fake_python"),
-                   env={"FAKE_SSH_EXEC": "1", "RLCSD_MARKER_GRACE": "0"}))
-    assert (sb.state / "markers" / "DONE").read_text().startswith("rc=0 ")
+def test_babysit_recreations_set_up_the_same_python_commit_and_pins_on_every_worker(sb):
+    """Two workers, executed for real against fakes of a TPU VM: missing TPU -> create ->
+    setup + run (the trainer keeps running) -> PREEMPTED -> delete (processes and disks gone)
+    -> create -> setup + run -> the trainer exits 0 -> worker 0 writes DONE -> babysit stops.
+
+    Every setup on every worker installs uv, makes a Python 3.11 virtualenv (the image's
+    python3 is 3.10), installs from constraints/tpu.txt and checks out the commit resolved
+    ONCE, although the branch moved on between the recreations; the trainer is started by the
+    virtualenv's python."""
+    (sb.state / "hold_trainer").touch()          # the first run trains until the preemption
+    a, b = "a" * 40, "b" * 40
+    p = _ok(sb.run("babysit", *BABYSIT, "--data", "gs://bkt/data/verl", timeout=60,
+                   env={"FAKE_SSH_EXEC": "1", "FAKE_WORKERS": "2", "RLCSD_MARKER_GRACE": "0",
+                        "FAKE_CREATE_STATES": "READY,PREEMPTED;READY",
+                        "FAKE_LS_REMOTE_SHAS": f"{a},{b}"}))
     assert "training finished" in p.stderr
-    assert len(sb.gcloud_calls("compute", "tpus", "tpu-vm", "create")) == 1
+    assert (sb.state / "markers" / "DONE").read_text().startswith("rc=0 ")
+    assert len(sb.gcloud_calls("compute", "tpus", "tpu-vm", "create")) == 2
+    assert (sb.state / "ls_remote_calls").read_text() == "1"     # resolved once
+    remote = sb.remote()
+    for worker in ("0", "1"):
+        mine = [r for r in remote if r["worker"] == worker]
+        uv_installs = [r for r in mine if r["prog"] == "python3"]
+        venvs = [r["argv"] for r in mine if r["prog"] == "uv" and r["argv"][0] == "venv"]
+        installs = [r for r in mine if r["prog"] == "uv" and r["argv"][:2] == ["pip", "install"]]
+        checkouts = [r["argv"] for r in mine if r["prog"] == "git" and r["argv"][0] == "checkout"]
+        trainers = [r["py"] for r in mine if r["prog"] == "trainer"]
+        assert len(uv_installs) == 2 and "uv==" in uv_installs[0]["argv"]   # fresh disks
+        home = str(sb.state / "workers" / f"w{worker}")
+        assert venvs == [["venv", "--allow-existing", "--python", "3.11",
+                          f"{home}/rlcsd_venv"]] * 2
+        for r in installs:
+            assert r["argv"][2:] == ["--python", f"{home}/rlcsd_venv/bin/python", "-c",
+                                     "constraints/tpu.txt", "jax[tpu]", "-e", "."]
+            assert r["cwd"] == f"{home}/rlcsd_jax"
+        assert len(installs) == 2
+        assert checkouts == [["checkout", "--detach", a]] * 2
+        assert trainers == [f"{home}/rlcsd_venv/bin/python"] * 2
+        args = (Path(home) / "trainer_args.txt").read_text()
+        assert f"VERSION=Python {sys.version_info[0]}.{sys.version_info[1]}" in args
+        assert (Path(home) / "rlcsd_jax" / "data" / "verl" / "FAKE_COPY").read_text() == (
+            "gs://bkt/data/verl/*")
 
 
 # ---------------------------------------------------------------------------------- dry run
@@ -717,3 +920,34 @@ def test_shellcheck_is_clean():
 
 def test_script_is_executable():
     assert os.access(SCRIPT, os.X_OK)
+
+
+# ------------------------------------------------------------------------------ constraints
+
+
+def test_constraints_pin_every_dependency_at_an_allowed_version():
+    """constraints/tpu.txt (what setup installs from) is current: every dependency of
+    pyproject.toml (and of the wandb extra) and JAX's TPU runtime is pinned, at a version the
+    pyproject allows.  Regenerate it with the command in constraints/tpu.in."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints" / "tpu.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["wandb"] + ["jax[tpu]"]
+    stale = []
+    for dep in wanted:
+        req = Requirement(dep)
+        version = pins.get(canonicalize_name(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            stale.append(f"{dep}: pinned {version}")
+    assert not stale, ("constraints/tpu.txt is stale; regenerate it (constraints/tpu.in):\n  "
+                       + "\n  ".join(stale))
+    assert "libtpu" in pins and pins["jax"] == pins["jaxlib"]

@@ -1,60 +1,21 @@
-"""FLOP counts, MFU and the measured matmul peak of the device.
-
-Convention (PaLM-style model FLOPs, the same for JAX and HF):
-  forward  = 2 * N_body * tokens  +  2 * d * V * head_tokens  +  attention
-  attention = 2 * 2 * L * S * H * D * tokens / 2   (QK^T and PV, halved for causality)
-  train step = 3 * forward  (backward = 2x forward; remat recomputation is NOT counted)
-N_body counts the matmul weights of the layers (q, k, v, o, gate, up, down); the LM head
-(d x V, counted whether or not it is tied) is added per position that goes through it.  Embedding
-lookups, norms, RoPE, softmax and the loss are not counted.  MFU = model FLOPs / time / peak,
-where peak is a big square matmul timed in the same run (bf16 on GPU, fp32 on CPU).
+"""FLOP counts (`rlcsd_jax.planner.flops`, whose docstring gives the convention), MFU and the
+measured matmul peak of the device: MFU = model FLOPs / time / peak, where peak is a big square
+matmul timed in the same run (bf16 on GPU, fp32 on CPU).
 """
 
 from __future__ import annotations
 
 import time
 
-from rlcsd_jax.models import ModelConfig
-
-
-def body_matmul_params(cfg: ModelConfig) -> int:
-    """Matmul weights of all layers (excludes embeddings and the LM head)."""
-    d, h, kv, hd, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                       cfg.intermediate_size)
-    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
-    return cfg.num_layers * per_layer
-
-
-def head_params(cfg: ModelConfig) -> int:
-    return cfg.hidden_size * cfg.vocab_size
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """N_matmul of the issue: layer matmuls + LM head, no embeddings."""
-    return body_matmul_params(cfg) + head_params(cfg)
-
-
-def forward_flops(cfg: ModelConfig, batch: int, seq: int, head_tokens: int | None = None) -> float:
-    """Model FLOPs of one forward over [batch, seq] tokens.
-
-    head_tokens: positions per row that go through the LM head (default all `seq`).
-    """
-    head_tokens = seq if head_tokens is None else head_tokens
-    tokens = batch * seq
-    attn = 2 * 2 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim * tokens / 2
-    return (2.0 * body_matmul_params(cfg) * tokens + 2.0 * head_params(cfg) * batch * head_tokens
-            + attn)
-
-
-def train_flops(cfg: ModelConfig, batch: int, seq: int, head_tokens: int | None = None) -> float:
-    return 3.0 * forward_flops(cfg, batch, seq, head_tokens)
-
-
-def mfu(flops: float | None, seconds: float | None, peak_flops: float | None) -> float | None:
-    """Fraction of the peak, or None when any input is missing (decode has no MFU)."""
-    if not flops or not peak_flops or not seconds:
-        return None
-    return flops / seconds / peak_flops
+# The FLOP model is the package's own (the planner reports MFU with it too).
+from rlcsd_jax.planner.flops import (  # noqa: F401  (re-exported for the benchmark modules)
+    body_matmul_params,
+    forward_flops,
+    head_params,
+    matmul_params,
+    mfu,
+    train_flops,
+)
 
 
 def jax_matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:

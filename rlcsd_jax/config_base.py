@@ -44,7 +44,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
         top_k=20,
-        memory_limit_gb=0.0,                # >0: KV-cache budget per rollout batch (clear error)
         prompt_buckets=(),                  # prompt length buckets; () = powers of two
         permute_rewards=False))             # control run: rewards shuffled across each step
 
@@ -58,6 +57,10 @@ def get_base_config() -> ml_collections.ConfigDict:
         teacher_max_len=40960,              # token budget of a teacher sequence (§2.4)
         teacher_buckets=(),                 # teacher sequence buckets; () = powers of two
         rollout_is=False, rollout_is_mode="token", rollout_is_threshold=2.0,  # §10.1, off
+        # Start-up memory check: every program is compiled at its largest shape and its memory
+        # compared with the device's limit (memory_stats()["bytes_limit"]) before sampling;
+        # memory_limit_gb is the per-device budget where the backend reports none (CPU).
+        check_memory=True, memory_limit_gb=0.0,
         inject_nonfinite_grad_at=-1))       # test hook: 1-based optimizer step given a NaN gradient
 
     # Teacher (§3): "" = the method's default mode.

@@ -122,6 +122,13 @@ class _Static:
     mesh: object = None
 
 
+def make_static(*, max_new_tokens: int, num_samples: int, options: SamplingOptions,
+                eos_ids: Sequence[int], pad_id: int, mesh=None) -> _Static:
+    """The static (compile-time) arguments of `prefill_jit` / `decode_jit` for one call."""
+    return _Static(int(max_new_tokens), int(num_samples), options,
+                   tuple(int(e) for e in eos_ids), int(pad_id), mesh)
+
+
 def _prefill(graphdef, params, input_ids, attention_mask, key, static: _Static):
     """Prompts [B, P] (left padded) -> decode state for B * n rows with the first token drawn."""
     model = nnx.merge(graphdef, params)
@@ -210,8 +217,8 @@ def generate_arrays(model_or_graphdef, params, input_ids, attention_mask, key, *
     """
     graphdef = (model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef)
                 else nnx.split(model_or_graphdef)[0])
-    static = _Static(max_new_tokens, num_samples, options, tuple(int(e) for e in eos_ids),
-                     int(pad_id), mesh)
+    static = make_static(max_new_tokens=max_new_tokens, num_samples=num_samples,
+                         options=options, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
     shape_key = (input_ids.shape, static)
     if shape_key not in _seen_shapes:
         if len(_seen_shapes) >= 8:

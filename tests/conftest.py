@@ -15,6 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu (the planner's TPU compiler) locks a file per machine; xdist workers each load it.  No
+# TPU metadata server exists here.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 # One persistent compilation cache per test session, shared with the subprocesses that tests
 # start (CLI runs, resume / preemption, notebooks): identical programs compile once.

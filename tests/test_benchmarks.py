@@ -117,7 +117,7 @@ def test_flop_counts_by_hand():
     assert flops.body_matmul_params(cfg) == body
     assert flops.matmul_params(cfg) == body + d * v
     b, s = 3, 128
-    attn = 2 * 2 * n_layers * s * h * hd * (b * s) / 2
+    attn = 4 * h * hd * n_layers * b * s * (s + 1) / 2   # query i sees i + 1 keys (causal)
     assert flops.forward_flops(cfg, b, s) == pytest.approx(2 * (body + d * v) * b * s + attn)
     assert flops.train_flops(cfg, b, s, 100) == pytest.approx(
         3 * (2 * body * b * s + 2 * d * v * b * 100 + attn))

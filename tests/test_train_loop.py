@@ -147,12 +147,17 @@ def test_sharded_run_matches_single_device(tmp_path, fake_texts):
             np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=1e-5, err_msg=key)
 
 
-def test_rollout_cache_budget_is_checked(tmp_path):
-    cfg = tiny_config(tmp_path)
-    cfg.rollout.memory_limit_gb = 1e-6
-    tr = loop.Trainer(cfg, str(tmp_path))
-    with pytest.raises(MemoryError, match="KV cache needs"):
-        tr.train_step(next(tr.iterator))
+def test_memory_is_checked_before_sampling(tmp_path):
+    """With a per-device budget too small for the teacher rows, the trainer stops at start-up,
+    before sampling anything, and names the program, its need, the budget and the fix."""
+    cfg = tiny_config(tmp_path, **{"train.teacher_max_len": 1024,
+                                   "train.teacher_buckets": (1024,)})
+    cfg.train.memory_limit_gb = 0.003
+    with pytest.raises(MemoryError, match=r"score/teacher does NOT fit: needs .* GiB per device, "
+                                          r"the budget is 0.0 GiB .*train.teacher_max_len"):
+        loop.Trainer(cfg, str(tmp_path))
+    cfg.train.memory_limit_gb = 1.0
+    loop.Trainer(cfg, str(tmp_path))           # the same run fits a larger budget
 
 
 @pytest.mark.parametrize("method", ["grpo", "rlcsd", "rlsd_ectr"])

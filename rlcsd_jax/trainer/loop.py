@@ -26,7 +26,7 @@ from rlcsd_jax import multihost, sampling
 from rlcsd_jax.data.iterator import BatchIterator
 from rlcsd_jax.data.tokenizer import load_tokenizer
 from rlcsd_jax.trainer import batches as batches_lib
-from rlcsd_jax.trainer import evaluation, rollout, setup, state as state_lib
+from rlcsd_jax.trainer import evaluation, programs, rollout, setup, state as state_lib
 from rlcsd_jax.trainer import update as update_lib
 from rlcsd_jax.trainer import warm_start
 
@@ -70,6 +70,25 @@ class Trainer:
         self.step = 0                 # training steps attempted (data / RNG position)
         self.prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
         self.teacher_buckets = tuple(cfg.train.teacher_buckets) or None
+        if cfg.train.check_memory:
+            self.check_memory()
+
+    def check_memory(self) -> None:
+        """Compile every program at its largest shape and stop, before any sampling, if one needs
+        more memory than a device has (the planner's numbers, on the real devices)."""
+        from rlcsd_jax.planner import compile as compile_lib
+        from rlcsd_jax.planner import report
+
+        limit = setup.device_memory_limit(self.cfg, self.mesh)
+        if limit is None:
+            return
+        rs = programs.run_setup(self.cfg, self.mesh, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                model_config=self.model_config)
+        measured = compile_lib.compile_programs(rs, budget=limit, with_cost=False, log=False)
+        problems = report.refusals(measured)
+        if problems:
+            raise MemoryError(f"{problems}\n(`python -m rlcsd_jax.plan` shows every program's "
+                              "numbers for a TPU slice.)")
 
     # ------------------------------------------------------------------------------------------
     def put(self, tree, leading_axis: int = 0):
@@ -86,14 +105,8 @@ class Trainer:
     def generate_fn(self, options: sampling.SamplingOptions, max_new_tokens: int):
         params = self.sampling_params()
 
-        limit = self.cfg.rollout.memory_limit_gb * 2**30 or None
-
         def fn(ids, mask, key, num_samples):
             """This process's prompts [P_local, Pb] -> its rows of the samples (host arrays)."""
-            # Fail with the numbers before XLA would run out of memory mid-run.
-            sampling.check_cache_memory(
-                self.model_config, ids.shape[0] * jax.process_count() * num_samples,
-                ids.shape[1] + max_new_tokens, limit, dtype=self.cfg.model.dtype)
             ids, mask = self.put((ids, mask))
             out = sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
@@ -150,8 +163,8 @@ class Trainer:
         # (zero-mask) blocks.  Mini-batch j is the union of the processes' j-th blocks.
         empty = np.zeros(0, np.int64)
         chunks += [empty] * (multihost.global_max(len(chunks)) - len(chunks))
-        lr = state_lib.learning_rate(int(jax.device_get(self.state.train_step)), cfg.train.lr,
-                                     cfg.train.warmup_steps)
+        lr = np.float32(state_lib.learning_rate(int(jax.device_get(self.state.train_step)),
+                                                cfg.train.lr, cfg.train.warmup_steps))
         t = time.perf_counter()
         students = []
         for rows in chunks:   # old / ref log-probs at the weights that sampled (§1.6)

@@ -148,6 +148,19 @@ def eval_samples(cfg) -> int:
     return 12 if cfg.data.task == "math" else 1
 
 
+def device_memory_limit(cfg, mesh) -> float | None:
+    """Bytes one device may use: the backend's own limit (TPU, GPU), else
+    `train.memory_limit_gb` (0 = unknown: no check)."""
+    device = mesh.devices.flat[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics (CPU)
+        stats = {}
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    return cfg.train.memory_limit_gb * 2**30 or None
+
+
 def check_mesh_batch(mesh, rows: int, what: str) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % n:

@@ -77,8 +77,9 @@ def student_topk_ids(graphdef, params, batch, *, spec: StepSpec):
     return stats["topk_ids"]
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpec) -> dict:
-    """Teacher log-probs for one mini-batch, per method (§3 table).  Stop-gradient."""
+    """Teacher log-probs for one mini-batch, per method (§3 table).  Stop-gradient, one program."""
     kw = dict(graphdef=graphdef, length=spec.response_len, chunk=spec.chunk)
     ids, mask, start = tbatch["input_ids"], tbatch["attention_mask"], tbatch["response_start"]
     m = spec.method

@@ -1,0 +1,324 @@
+"""The jitted programs one training step runs, at the config's largest shapes, as abstract inputs.
+
+The planner (`python -m rlcsd_jax.plan`) compiles these for a TPU slice it does not have; the
+trainer compiles the same list on its real devices at start-up and checks each program's memory
+against the device before it samples anything.  Both lower the trainer's own functions
+(`sampling.prefill_jit`, `update.teacher_outputs`, `update.update`, ...) with the static
+arguments the trainer passes (`setup.step_spec`, `sampling.make_static`), so what the planner
+reports is what the trainer will run.
+
+Shapes are the worst case of a step: prompts at the largest prompt bucket, responses at the
+response cap, teacher rows at the largest teacher bucket, a full mini-batch.  Everything is a
+`jax.ShapeDtypeStruct` with its sharding: no weights exist and nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlcsd_jax import models, sampling, sharding, teacher_batch
+from rlcsd_jax.trainer import batches as batches_lib
+from rlcsd_jax.trainer import setup
+from rlcsd_jax.trainer import state as state_lib
+from rlcsd_jax.trainer import update as update_lib
+
+PHASES = ("sample", "score", "update", "eval")
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted program at one shape and how often a training step runs it.
+
+    calls_per_step: calls per training step (eval programs: per evaluation).
+    loop_trips: iterations to assume for loops whose trip count is data dependent (the decode
+      while-loop runs until every row is done: the planner multiplies its per-iteration cost).
+    tokens_per_call: token positions the call produces (generated tokens) or scores.
+    model_flops_per_call: the useful FLOPs of the call (for MFU), see `rlcsd_jax.planner.flops`.
+    """
+
+    name: str
+    phase: str
+    fn: Any
+    args: tuple
+    kwargs: dict
+    calls_per_step: float
+    tokens_per_call: float
+    model_flops_per_call: float
+    loop_trips: int | None = None
+    what: str = ""                       # shape summary for the report
+    resident: tuple = ()                 # arrays in HBM during the call that are not arguments
+
+    def lower(self):
+        return self.fn.lower(*self.args, **self.kwargs)
+
+    @property
+    def mesh(self):
+        """The mesh of the program's (first) sharded argument."""
+        for x in jax.tree.leaves(self.args):
+            if isinstance(getattr(x, "sharding", None), NamedSharding):
+                return x.sharding.mesh
+        raise ValueError(f"{self.name}: no sharded argument")
+
+
+# ----------------------------------------------------------------------------------------------
+# Abstract values with shardings
+# ----------------------------------------------------------------------------------------------
+
+
+def _sds(shape, dtype, mesh, spec=P()) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
+
+
+def batch_array(shape, dtype, mesh, axis: int = 0) -> jax.ShapeDtypeStruct:
+    """A global array whose `axis` is the batch (over ('data', 'fsdp')), as `Trainer.put` makes."""
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
+                                sharding=sharding.batch_sharding(mesh, len(shape), axis))
+
+
+def abstract_params(mcfg, mesh):
+    """(graphdef, params State of ShapeDtypeStructs carrying each parameter's sharding)."""
+    graphdef, params = nnx.split(models.abstract_model(mcfg))
+    shardings = sharding.param_shardings(params, mesh)
+
+    def attach(var, sh):
+        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value()))
+    return graphdef, jax.tree.map(attach, params, shardings,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_dtype(params, dtype):
+    """The trainer's `sampling_params`: floating leaves in the compute dtype, same shardings."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def abstract_state(params, spec: update_lib.StepSpec, need_ref: bool, mesh):
+    """The TrainState the trainer builds from `params` (its layout, not its values): the
+    optimizer moments and teacher / reference copies take their parameter's sharding."""
+    init = jax.jit(lambda p: state_lib.init_state(p, spec.tx, spec.teacher_mode, need_ref))
+    shapes = jax.eval_shape(init, params)
+    flat_params = {tuple(path): leaf for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def attach(path, leaf):
+        # A leaf whose trailing key path is a parameter's path is a copy or a moment of it.
+        for start in range(len(path)):
+            match = flat_params.get(tuple(path[start:]))
+            if match is not None and match.shape == leaf.shape:
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=match.sharding)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+    return jax.tree_util.tree_map_with_path(attach, shapes)
+
+
+def like_outputs(fn, args, kwargs, mesh):
+    """Abstract outputs of a jitted fn(*args, **kwargs) when it could not be compiled: each array
+    sharded on its first axis that the batch mesh axes divide (rows; the KV cache's second
+    axis), replicated otherwise."""
+    out = fn.eval_shape(*args, **kwargs)     # a jitted function knows its static arguments
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def attach(x):
+        axes = [i for i, d in enumerate(x.shape) if d % n == 0]
+        if not axes:
+            return _sds(x.shape, x.dtype, mesh)
+        return batch_array(x.shape, x.dtype, mesh, axes[0])
+    return jax.tree.map(attach, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step's shapes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The worst-case sizes of one training step (global rows, token widths)."""
+
+    prompts: int            # prompts per step
+    group: int              # G
+    prompt_width: int       # largest prompt bucket
+    response_len: int       # N, the response cap
+    minibatch_rows: int     # M = minibatch prompts x G
+    teacher_contexts: int   # C
+    teacher_width: int      # largest teacher bucket
+    eval_prompts: int
+    eval_samples: int
+    eval_response_len: int
+
+    @property
+    def minibatches(self) -> int:
+        return self.prompts * self.group // self.minibatch_rows
+
+
+def step_shapes(cfg) -> Shapes:
+    prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
+    teacher_buckets = tuple(cfg.train.teacher_buckets) or None
+    k_slots = batches_lib.num_wrong_slots(cfg.method, cfg.teacher.k_max)
+    return Shapes(
+        prompts=cfg.rollout.prompts_per_step, group=cfg.rollout.group_size,
+        prompt_width=sampling.bucket_length(cfg.data.max_prompt_len, prompt_buckets),
+        response_len=cfg.rollout.max_new_tokens,
+        minibatch_rows=cfg.train.minibatch_prompts * cfg.rollout.group_size,
+        teacher_contexts=1 + k_slots,
+        teacher_width=teacher_batch.bucket_length(cfg.train.teacher_max_len, teacher_buckets),
+        eval_prompts=cfg.eval.batch_prompts, eval_samples=setup.eval_samples(cfg),
+        eval_response_len=cfg.eval.max_new_tokens)
+
+
+def student_batch_spec(rows: int, width: int, response_len: int, mesh) -> dict:
+    """`batches.student_batch` as abstract arrays (one mini-batch)."""
+    b = lambda shape, dtype: batch_array(shape, dtype, mesh)  # noqa: E731
+    return dict(input_ids=b((rows, width), jnp.int32), attention_mask=b((rows, width), jnp.int32),
+                response_start=b((rows,), jnp.int32),
+                response_mask=b((rows, response_len), jnp.int32),
+                advantages=b((rows,), jnp.float32),
+                sampler_logp=b((rows, response_len), jnp.float32))
+
+
+def teacher_batch_spec(contexts: int, rows: int, width: int, k_slots: int, mesh) -> dict:
+    """`batches.teacher_arrays` after `Trainer.put` (the wrong-hint validity rides along)."""
+    t = lambda shape: batch_array(shape, jnp.int32, mesh, axis=1)  # noqa: E731
+    return dict(input_ids=t((contexts, rows, width)), attention_mask=t((contexts, rows, width)),
+                response_start=t((contexts, rows)),
+                wrong_valid=batch_array((rows, k_slots), jnp.bool_, mesh))
+
+
+# ----------------------------------------------------------------------------------------------
+# The programs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What the programs need from a run: its config, mesh, model and sampling constants."""
+
+    cfg: Any
+    mesh: Any
+    model_config: Any
+    eos_ids: tuple = ()
+    pad_id: int = 0
+
+
+def run_setup(cfg, mesh, *, vocab_size: int | None = None, eos_ids=(), pad_id: int = 0,
+              model_config=None) -> RunSetup:
+    mcfg = model_config or setup.model_config(cfg, vocab_size)
+    return RunSetup(cfg, mesh, mcfg, tuple(int(e) for e in eos_ids), int(pad_id))
+
+
+def _generate_programs(rs: RunSetup, graphdef, params_c, name: str, phase: str, prompts: int,
+                       width: int, samples: int, options, max_new: int, calls: float,
+                       mean_new: float, lower_dependent: Callable, resident) -> list[Program]:
+    from rlcsd_jax.planner import flops
+
+    mesh, mcfg = rs.mesh, rs.model_config
+    static = sampling.make_static(max_new_tokens=max_new, num_samples=samples, options=options,
+                                  eos_ids=rs.eos_ids, pad_id=rs.pad_id, mesh=mesh)
+    ids = batch_array((prompts, width), jnp.int32, mesh)
+    key = _sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, mesh)
+    prefill = Program(
+        f"{name}/prefill", phase, sampling.prefill_jit, (graphdef, params_c, ids, ids, key, static),
+        {}, calls, prompts * width, flops.forward_flops(mcfg, prompts, width, head_tokens=1),
+        what=f"{prompts} prompts x {width} tokens -> {prompts * samples} rows",
+        resident=resident)
+    state = lower_dependent(prefill)
+    rows = prompts * samples
+    cache = width + max_new
+    decode = Program(
+        f"{name}/decode", phase, sampling.decode_jit, (graphdef, params_c, state, static), {},
+        calls, rows * mean_new, flops.decode_flops(mcfg, rows, cache) * max_new,
+        loop_trips=max_new - 1,
+        what=f"{rows} rows x {cache} cache slots, {max_new - 1} steps", resident=resident)
+    return [prefill, decode]
+
+
+def build(rs: RunSetup, *, mean_response_len: int | None = None,
+          lower_dependent: Callable | None = None, shapes: Shapes | None = None) -> list[Program]:
+    """Every program of a training step and of an evaluation, in the order the trainer runs them.
+
+    lower_dependent(program) -> the abstract outputs of `program` to feed the next one (the
+    planner passes the compiled programs' own output shardings; default: batch-sharded
+    `jax.eval_shape`).  shapes: default `step_shapes(cfg)`, the step's worst case.
+    """
+    from rlcsd_jax.planner import flops
+
+    cfg, mesh, mcfg = rs.cfg, rs.mesh, rs.model_config
+    sh = shapes or step_shapes(cfg)
+    mean_len = mean_response_len or max(sh.response_len // 2, 1)
+    spec = setup.step_spec(cfg, sh.response_len)
+    need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
+    graphdef, params = abstract_params(mcfg, mesh)
+    params_c = with_dtype(params, cfg.model.dtype)
+    if lower_dependent is None:
+        def lower_dependent(p):
+            return like_outputs(p.fn, p.args, p.kwargs, mesh)
+
+    state = abstract_state(params, spec, need_ref, mesh)
+    out: list[Program] = []
+    train_opts = sampling.SamplingOptions(cfg.rollout.temperature, cfg.rollout.top_k,
+                                          cfg.rollout.top_p)
+    out += _generate_programs(rs, graphdef, params_c, "rollout", "sample", sh.prompts,
+                              sh.prompt_width, sh.group, train_opts, sh.response_len, 1.0,
+                              mean_len, lower_dependent, resident=(state,))
+
+    m, width, n = sh.minibatch_rows, sh.prompt_width + sh.response_len, sh.response_len
+    sb = student_batch_spec(m, width, n, mesh)
+    student_tokens = m * width
+    out.append(Program(
+        "score/old_logprobs", "score", update_lib.old_logprobs,
+        (graphdef, state.params, state.ref, sb), dict(spec=spec, with_ref=need_ref),
+        sh.minibatches, student_tokens,
+        flops.forward_flops(mcfg, m, width, head_tokens=n) * (2 if need_ref else 1),
+        what=f"{m} rows x {width} tokens", resident=(state.opt_state, state.teacher)))
+    sb = dict(sb, **lower_dependent(out[-1]))
+
+    teacher_out = {}
+    if spec.teacher_mode is not None:
+        k_slots = sh.teacher_contexts - 1
+        tb = teacher_batch_spec(sh.teacher_contexts, m, sh.teacher_width, k_slots, mesh)
+        tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
+        ids = None
+        if cfg.method in ("sdpo", "srpo"):
+            out.append(Program(
+                "score/student_topk", "score", update_lib.student_topk_ids,
+                (graphdef, state.params, sb), dict(spec=spec), sh.minibatches, student_tokens,
+                flops.forward_flops(mcfg, m, width, head_tokens=n),
+                what=f"{m} rows x {width} tokens",
+                resident=(state.opt_state, state.teacher, state.ref)))
+            ids = lower_dependent(out[-1])
+        c = sh.teacher_contexts
+        out.append(Program(
+            "score/teacher", "score", update_lib.teacher_outputs,
+            (graphdef, tparams, tb, ids, spec), {}, sh.minibatches, c * m * sh.teacher_width,
+            flops.forward_flops(mcfg, c * m, sh.teacher_width, head_tokens=n),
+            what=f"{c} contexts x {m} rows x {sh.teacher_width} tokens",
+            resident=(state.opt_state, state.ref,
+                      state.teacher if spec.teacher_mode == "fixed" else state.params)))
+        teacher_out = lower_dependent(out[-1])
+
+    lr = _sds((), jnp.float32, mesh)
+    nan = _sds((), jnp.bool_, mesh)
+    out.append(Program(
+        "update", "update", update_lib.update, (graphdef, state, sb, teacher_out, lr, nan),
+        dict(spec=spec), sh.minibatches, student_tokens,
+        flops.train_flops(mcfg, m, width, head_tokens=n),
+        what=f"{m} rows x {width} tokens, gradient + AdamW"))
+
+    eval_opts = sampling.SamplingOptions(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
+    out += _generate_programs(rs, graphdef, params_c, "eval", "eval", sh.eval_prompts,
+                              sh.prompt_width, sh.eval_samples, eval_opts, sh.eval_response_len,
+                              1.0, sh.eval_response_len / 2, lower_dependent, resident=(state,))
+    return out
+
+
+def bytes_of(tree) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

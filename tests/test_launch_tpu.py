@@ -951,3 +951,43 @@ def test_constraints_pin_every_dependency_at_an_allowed_version():
     assert not stale, ("constraints/tpu.txt is stale; regenerate it (constraints/tpu.in):\n  "
                        + "\n  ".join(stale))
     assert "libtpu" in pins and pins["jax"] == pins["jaxlib"]
+
+
+# ------------------------------------------------------------------- the documented examples
+
+
+def _documented_commands():
+    """(doc, variable lines, command) for every `./launch_tpu.sh` line of the fenced bash blocks
+    of the README and docs/tpu.md; the variables are the block's exports / assignments."""
+    import re
+
+    out = []
+    for doc in ("README.md", "docs/tpu.md"):
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S):
+            lines = block.replace("\\\n", " ").splitlines()
+            variables = [ln for ln in lines
+                         if re.match(r"\s*(export\s+)?[A-Za-z_][A-Za-z0-9_]*=", ln)]
+            out += [(doc, variables, ln.strip()) for ln in lines
+                    if ln.strip().startswith("./launch_tpu.sh")]
+    return out
+
+
+DOCUMENTED = _documented_commands()
+
+
+def test_the_docs_have_launch_examples():
+    docs = [d for d, _, _ in DOCUMENTED]
+    assert docs.count("README.md") >= 6 and docs.count("docs/tpu.md") >= 9
+
+
+@pytest.mark.parametrize("doc, variables, command", DOCUMENTED,
+                         ids=[f"{d}:{c[:60]}" for d, _, c in DOCUMENTED])
+def test_documented_example_passes_dry_run(sb, doc, variables, command):
+    """Every documented launch_tpu.sh command, with its block's variables, works as written
+    (here with RLCSD_DRY_RUN=1: it prints its gcloud commands and runs none)."""
+    script = "\n".join([*variables, command])
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=30, env={**sb.env, "RLCSD_DRY_RUN": "1", "USER": "me"})
+    assert p.returncode == 0, f"{doc}: {command}\n{p.stderr}"
+    assert "gcloud " in p.stdout, p.stdout
+    assert sb.calls() == []

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode/scoring weights: cast to the compute dtype, or the fp32 masters")
     p.add_argument("--remat", choices=sorted(models.REMAT_POLICIES), help="default cpu none, "
                    "gpu full")
-    p.add_argument("--attention-impl", default="xla", help="rlcsd_jax attention_impl")
+    p.add_argument("--attention-impl", default="auto", help="rlcsd_jax attention_impl")
     p.add_argument("--no-scan", action="store_true", help="unrolled layers (scan_layers=False)")
     p.add_argument("--no-hf-static", action="store_true", help="skip HF static-cache decode")
     p.add_argument("--hf-static-budget-s", type=float, default=120.0,

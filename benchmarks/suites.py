@@ -75,7 +75,7 @@ def default_shapes(suite: str, model: str) -> Shapes:
 
 
 def model_config(name: str, *, dtype: str, param_dtype: str = "float32", remat: str = "none",
-                 attention_impl: str = "xla", scan_layers: bool = True) -> models.ModelConfig:
+                 attention_impl: str = "auto", scan_layers: bool = True) -> models.ModelConfig:
     """A preset (`qwen3-1.7b`, …) or a custom CPU shape (`tiny`, `small`) with numerics knobs."""
     knobs = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat,
                  attention_impl=attention_impl, scan_layers=scan_layers)

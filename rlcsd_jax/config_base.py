@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Model: `checkpoint` = an HF folder or a converted folder; empty = random init of `preset`.
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="", preset="", dtype="bfloat16", param_dtype="float32",
-        remat_policy="full", scan_layers=True, attention_impl="xla"))
+        remat_policy="full", scan_layers=True, attention_impl="auto"))
     c.tokenizer = ""                        # folder; empty = model.checkpoint
     c.tiny_tokenizer_vocab = 512            # the tiny tokenizer built when both are empty
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

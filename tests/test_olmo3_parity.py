@@ -42,10 +42,11 @@ def test_config_parsed(olmo_pair):
     assert cfg.sliding_window == 16 and not cfg.tie_word_embeddings
 
 
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "auto"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_fp32_logits_and_hidden_states_match_hf(olmo_pair, side):
+def test_fp32_logits_and_hidden_states_match_hf(olmo_pair, side, impl):
     hf, d = olmo_pair
-    model = models.load_pretrained(str(d), dtype="float32")
+    model = models.load_pretrained(str(d), dtype="float32", attention_impl=impl)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 128, size=n) for n in LENGTHS]
     width = max(LENGTHS)
@@ -67,10 +68,10 @@ def test_sliding_window_mask_boundary():
     """W keys including the current one: query i sees i-W+1 .. i (HF sliding_window_overlay)."""
     import jax.numpy as jnp
 
-    from rlcsd_jax.models import layers
+    from rlcsd_jax.models import attention_impls
 
-    pos = jnp.arange(40)[None]
-    mask = np.asarray(layers.attention_mask(pos, pos, jnp.ones((1, 40), bool), 16))[0]
+    pos, seg = jnp.arange(40)[None], jnp.ones((1, 40), jnp.int32)
+    mask = np.asarray(attention_impls.visible(pos, pos, seg, seg, 16))[0]
     assert mask[20, 5] and mask[20, 20] and not mask[20, 4] and not mask[20, 21]
     assert mask.sum(-1).max() == 16
 

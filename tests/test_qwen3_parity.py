@@ -28,10 +28,11 @@ def test_checkpoint_is_sharded(qwen3_pair):
     assert len(list(d.glob("*.safetensors"))) >= 2
 
 
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "auto"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_fp32_logits_match_hf_with_padding(qwen3_pair, side):
+def test_fp32_logits_match_hf_with_padding(qwen3_pair, side, impl):
     hf, d = qwen3_pair
-    model = models.load_pretrained(str(d), dtype="float32")
+    model = models.load_pretrained(str(d), dtype="float32", attention_impl=impl)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 128, size=n) for n in LENGTHS]
     ids, mask = padded_batch(seqs, max(LENGTHS), side)
@@ -75,7 +76,7 @@ def test_unscanned_and_remat_give_same_logits(qwen3_pair):
     ids = np.random.default_rng(2).integers(3, 128, size=(2, 33))
     base = np.asarray(models.load_pretrained(str(d))(ids))
     for kw in [dict(scan_layers=False), dict(remat_policy="full"),
-               dict(attention_impl="dot_product")]:
+               dict(attention_impl="blockwise", remat_policy="full")]:
         other = np.asarray(models.load_pretrained(str(d), **kw)(ids))
         np.testing.assert_allclose(other, base, atol=1e-5, rtol=0, err_msg=str(kw))
 

@@ -1,8 +1,10 @@
-"""Grouped-query self-attention with QK-norm, per-layer RoPE/mask choice and an optional KV cache.
+"""Grouped-query self-attention with QK-norm, per-layer RoPE/window choice and an optional KV cache.
 
 One class serves Qwen3 (QK-norm per head over D) and Olmo-3 (QK-norm over the whole projection,
 MODEL_SPEC §5.2).  The layer type (full or sliding) is data, not structure: the caller passes the
-cos/sin tables and mask that belong to this layer, so the layer stack stays scannable.
+cos/sin tables of this layer and a traced `sliding` flag that picks the window with `lax.cond`,
+so the layer stack stays scannable.  Which keys a query sees is decided by positions and segment
+ids (`AttentionInputs`), never by a materialised [B, T, S] mask (`attention_impls`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlcsd_jax.models import layers
+from rlcsd_jax.models import attention_impls, layers
 from rlcsd_jax.models.config import ModelConfig
 
 
@@ -31,6 +33,20 @@ HF_SHARED_LAYER_NAMES = {
     ("mlp", "up_proj"): "mlp.up_proj.weight",
     ("mlp", "down_proj"): "mlp.down_proj.weight",
 }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionInputs:
+    """Who sees whom, shared by every layer: q_pos / q_seg [B, T], k_pos / k_seg [B, S] int32
+    (segment 0 = padding).  right_padded (static): rows are [real | padding] with positions
+    0..n-1 and no cache, the layout cuDNN's length masks need."""
+
+    q_pos: jax.Array
+    k_pos: jax.Array
+    q_seg: jax.Array
+    k_seg: jax.Array
+    right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +82,7 @@ class Attention(nnx.Module):
         self.per_head_norm = cfg.qk_norm_per_head
         self.rope_in_fp32 = cfg.fp32_norm_and_rope
         self.attention_impl = cfg.attention_impl
+        self.sliding_window = cfg.sliding_window
 
     def _qk_norm(self, x, norm: layers.RMSNorm):
         if self.per_head_norm:
@@ -73,12 +90,13 @@ class Attention(nnx.Module):
         b, t, n, hd = x.shape
         return norm(x.reshape(b, t, n * hd)).reshape(b, t, n, hd)
 
-    def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None):
-        """x [B, T, d]; cos/sin [B, T, D]; mask [B, T, S] bool.
+    def __call__(self, x, cos, sin, inputs: AttentionInputs, cache: LayerCache | None = None,
+                 cache_index=None, sliding=None):
+        """x [B, T, d]; cos/sin [B, T, D]; sliding: traced bool, this layer uses the window.
 
         Without a cache S = T.  With a cache, the new k/v are written at `cache_index` along the
-        cache's sequence axis and attention runs over the whole cache (S = S_cache); the mask
-        tells which cache slots are visible.  Returns (out [B, T, d], updated cache or None).
+        cache's sequence axis and attention runs over the whole cache (S = S_cache); positions
+        and segment ids tell which slots are visible.  Returns (out [B, T, d], cache or None).
         """
         q = layers.linear(x, self.q_proj[...], "btd,dhk->bthk")
         k = layers.linear(x, self.k_proj[...], "btd,dhk->bthk")
@@ -93,5 +111,14 @@ class Attention(nnx.Module):
                                                         cache_index, axis=1)
             cache = LayerCache(k=k_all, v=v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = layers.get_attention_impl(self.attention_impl)(q, k, v, mask)
+        impl = attention_impls.get(self.attention_impl)
+
+        def attend(window):
+            return impl(q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg, inputs.k_seg,
+                        window=window, right_padded=inputs.right_padded and cache is None)
+
+        if self.sliding_window is None or sliding is None:
+            out = attend(None)
+        else:
+            out = jax.lax.cond(sliding, lambda: attend(self.sliding_window), lambda: attend(None))
         return layers.linear(out, self.o_proj[...], "bthk,hkd->btd"), cache

@@ -53,7 +53,7 @@ class ModelConfig:
     param_dtype: str = "float32"    # master parameter dtype
     remat_policy: str = "none"      # see decoder.REMAT_POLICIES
     scan_layers: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"    # see models/attention_impls.py
     # Extra HF config.json keys kept verbatim for export (eos ids, torch_dtype, …), as a JSON
     # string so the config stays hashable (it is static data under jit).
     hf_extra: str = "{}"

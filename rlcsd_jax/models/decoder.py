@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlcsd_jax.models import layers
-from rlcsd_jax.models.attention import LayerCache
+from rlcsd_jax.models import attention_impls, layers
+from rlcsd_jax.models.attention import AttentionInputs, LayerCache
 from rlcsd_jax.models.config import SLIDING, ModelConfig, RopeConfig
 from rlcsd_jax.models.olmo3 import Olmo3Block
 from rlcsd_jax.models.qwen3 import Qwen3Block
@@ -72,6 +72,16 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] segment ids (packed rows) -> [B, S] int32 positions restarting at every segment."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32),
+                           segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - first
+
+
 class CausalLM(nnx.Module):
     """`model(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]`.
 
@@ -84,7 +94,7 @@ class CausalLM(nnx.Module):
             raise ValueError(f"unsupported model_type {cfg.model_type!r}")
         if cfg.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={cfg.remat_policy!r}; allowed {sorted(REMAT_POLICIES)}")
-        layers.get_attention_impl(cfg.attention_impl)  # fail early on a typo
+        attention_impls.get(cfg.attention_impl)  # fail early on a typo
         pd = jnp.dtype(cfg.param_dtype)
         self.config = cfg
         self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size),
@@ -115,34 +125,43 @@ class CausalLM(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None,
-                      cache: KVCache | None = None, return_all: bool = False):
+                      cache: KVCache | None = None, return_all: bool = False, *,
+                      segment_ids=None, right_padded: bool = False):
         """Final-normed hidden states [B, T, d] and the updated cache.
 
-        attention_mask [B, T] marks real tokens (any padding side).  positions [B, T] default to
-        the count of real tokens before each one.  With a cache, the T new tokens are written at
-        `cache.index`; attention sees every valid slot whose position is <= the query's.
-        return_all=True also returns the residual stream after every layer [L, B, T, d]
-        (for parity debugging).
+        attention_mask [B, T] marks real tokens (any padding side); or segment_ids [B, T] (0 =
+        padding, 1, 2, ... = sequences packed in a row, each attending only to itself).
+        positions [B, T] default to the count of real tokens before each one (restarting per
+        segment).  right_padded: the caller's promise that rows are [real | padding] with
+        positions 0..n-1 (lets cuDNN use length masks).  With a cache, the T new tokens are
+        written at `cache.index`; attention sees every valid slot whose position is <= the
+        query's.  return_all=True also returns the residual stream after every layer
+        [L, B, T, d] (for parity debugging).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        valid = attention_mask.astype(bool)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
+        if segment_ids is not None:
+            q_seg = segment_ids.astype(jnp.int32)
+            if positions is None:
+                positions = positions_from_segments(q_seg)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            q_seg = (attention_mask != 0).astype(jnp.int32)
+            if positions is None:
+                positions = positions_from_mask(attention_mask)
         positions = positions.astype(jnp.int32)
         if cache is None:
-            k_pos, k_valid = positions, valid
+            k_pos, k_valid = positions, q_seg != 0
+            inputs = AttentionInputs(positions, positions, q_seg, q_seg, right_padded)
         else:
             k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1)
-            k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
+            k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, q_seg != 0, cache.index, 1)
+            inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32))
 
-        full_mask = layers.attention_mask(positions, k_pos, k_valid, None)
         cos_f, sin_f = layers.rope_cos_sin(positions, _inv_freq(cfg.rope_full, cfg.head_dim),
                                            cfg.rope_full.attention_factor)
         if cfg.has_sliding_layers:
-            sliding_mask = layers.attention_mask(positions, k_pos, k_valid, cfg.sliding_window)
             cos_s, sin_s = layers.rope_cos_sin(
                 positions, _inv_freq(cfg.rope_sliding, cfg.head_dim),
                 cfg.rope_sliding.attention_factor)
@@ -153,13 +172,13 @@ class CausalLM(nnx.Module):
         def layer(h, xs):
             state, sliding, layer_cache = xs
             block = nnx.merge(graphdef, state)
-            cos, sin, mask = cos_f, sin_f, full_mask
+            cos, sin = cos_f, sin_f
             if cfg.has_sliding_layers:
                 cos = jnp.where(sliding, cos_s, cos_f)
                 sin = jnp.where(sliding, sin_s, sin_f)
-                mask = jnp.where(sliding, sliding_mask, full_mask)
-            h, layer_cache = block(h, cos, sin, mask, layer_cache,
-                                   None if cache is None else cache.index)
+            h, layer_cache = block(h, cos, sin, inputs, layer_cache,
+                                   None if cache is None else cache.index,
+                                   sliding if cfg.has_sliding_layers else None)
             return h, (layer_cache, h if return_all else None)
 
         policy = REMAT_POLICIES[cfg.remat_policy]

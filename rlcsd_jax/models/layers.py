@@ -1,4 +1,4 @@
-"""Building blocks shared by every architecture: RMSNorm, RoPE tables, SwiGLU, GQA attention.
+"""Building blocks shared by every architecture: RMSNorm, RoPE tables, SwiGLU, projections.
 
 Shapes: B batch, T query length, S key length, H query heads, KV key/value heads, G = H // KV,
 D head dim, d model width, F MLP width.  Parameters carry logical axis names (see
@@ -9,17 +9,11 @@ by `rlcsd_jax.sharding`, never here.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-# Finite "minus infinity" for masked attention scores: a fully masked row (a padding query) then
-# gives a uniform, finite softmax instead of NaN, and its output is ignored by the caller.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal", stack: int | None = None):
     """A parameter with logical axis names; `stack` prepends a scanned `layers` axis."""
@@ -116,62 +110,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, in_fp32: bool) -> j
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotated * sin).astype(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks
-# ----------------------------------------------------------------------------------------------
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array,
-                   sliding_window: int | None) -> jax.Array:
-    """Boolean [B, T, S]: key j is visible to query i.
-
-    Causality and the window are decided on token positions, not buffer indices, so the same
-    rule serves left/right padded batches and a KV cache.  A sliding window of W keeps W keys
-    including the current one (`i - W < j <= i`, HF `sliding_window_overlay`, MODEL_SPEC §5.6).
-    """
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp <= qp) & k_valid[:, None, :]
-    if sliding_window is not None:
-        mask &= kp > qp - sliding_window
-    return mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention implementations.  Each takes q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] bool and
-# returns [B,T,H,D].  A TPU splash-attention kernel registers here under its own name.
-# ----------------------------------------------------------------------------------------------
-
-
-def xla_attention(q, k, v, mask):
-    """Portable einsum attention: GQA without repeating k/v, fp32 scores and softmax."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-def dot_product_attention(q, k, v, mask):
-    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
-
-
-ATTENTION_IMPLS: dict[str, Callable] = {
-    "xla": xla_attention,
-    "dot_product": dot_product_attention,
-}
-
-
-def get_attention_impl(name: str) -> Callable:
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl={name!r}; available: {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[name]
 
 
 # ----------------------------------------------------------------------------------------------

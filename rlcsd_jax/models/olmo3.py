@@ -36,8 +36,8 @@ class Olmo3Block(nnx.Module):
         self.mlp = layers.SwiGLU(d, cfg.intermediate_size, param_dtype=pd, rngs=rngs, stack=stack)
         self.post_feedforward_layernorm = layers.RMSNorm(d, eps, True, param_dtype=pd, stack=stack)
 
-    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
-        a, cache = self.self_attn(h, cos, sin, mask, cache, cache_index)
+    def __call__(self, h, cos, sin, inputs, cache=None, cache_index=None, sliding=None):
+        a, cache = self.self_attn(h, cos, sin, inputs, cache, cache_index, sliding)
         h = h + self.post_attention_layernorm(a)
         return h + self.post_feedforward_layernorm(self.mlp(h)), cache
 

@@ -21,8 +21,9 @@ class Qwen3Block(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(d, eps, False, param_dtype=pd, stack=stack)
         self.mlp = layers.SwiGLU(d, cfg.intermediate_size, param_dtype=pd, rngs=rngs, stack=stack)
 
-    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
-        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, cache_index)
+    def __call__(self, h, cos, sin, inputs, cache=None, cache_index=None, sliding=None):
+        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, inputs, cache, cache_index,
+                                  sliding)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), cache
 

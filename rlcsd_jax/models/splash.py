@@ -1,0 +1,96 @@
+"""TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) for self-attention.
+
+The kernel's mask is static and index based: causal, or local for Olmo-3's sliding layers
+(window W keeps W keys including the current one).  Padding and packed sequences are segment
+ids.  That equals the position rule of `attention_impls` whenever positions advance by one per
+token inside a segment, which holds for every row the trainer builds (right-padded scoring rows,
+left-padded prompts).  Grouped-query attention runs natively (the kernel takes fewer k/v heads).
+
+On a mesh the kernel runs under `shard_map` (Mosaic kernels cannot be partitioned
+automatically): rows over ('data', 'fsdp'), heads over 'tensor' when they divide it.  The mesh
+comes from the tracing context (`jax.set_mesh`), which the trainer and the planner set; off TPU
+the kernel runs in Pallas interpret mode (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+# Preferred block sizes per TPU generation (device_kind prefix): larger tiles amortise the
+# per-step overhead where VMEM allows (v5e and v6e have 128 MiB of VMEM per core, v5p 64 MiB).
+_BLOCKS = {"TPU v6": 1024, "TPU v5 lite": 1024, "TPU v5": 512, "TPU v4": 512}
+_MIN_BLOCK = 128
+
+
+def supports(length: int) -> bool:
+    return length % _MIN_BLOCK == 0
+
+
+def _platform_and_kind():
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform, mesh.abstract_device.device_kind
+    device = jax.devices()[0]
+    return device.platform, device.device_kind
+
+
+def _block(length: int, kind: str) -> int:
+    preferred = next((b for prefix, b in _BLOCKS.items() if kind.startswith(prefix)), 512)
+    block = preferred
+    while block > _MIN_BLOCK and length % block:
+        block //= 2
+    return min(block, length)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads: int, length: int, window: int | None, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+
+    shape = (length, length)
+    one = (mask_lib.CausalMask(shape) if window is None
+           else mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+    sizes = kernel_lib.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), block_sizes=sizes,
+                                      head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
+    """q [B, T, H, D], k / v [B, T, KV, D], segment ids [B, T] -> [B, T, H, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
+        SegmentIds)
+
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    platform, kind = _platform_and_kind()
+    block = _block(t, kind)
+    interpret = platform != "tpu"
+    # [B, heads, T, D]; the kernel does not scale the scores.
+    qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    q_seg, k_seg = q_seg.astype(jnp.int32), k_seg.astype(jnp.int32)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    tensor = 1 if mesh.empty else mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and h % tensor == 0 and kvh % tensor == 0 else None
+
+    def local(qt, kt, vt, qs, ks):
+        kernel = _kernel(qt.shape[1], t, window, block, interpret)
+        return jax.vmap(lambda q_, k_, v_, s1, s2: kernel(q_, k_, v_, SegmentIds(s1, s2)))(
+            qt, kt, vt, qs, ks)
+
+    if mesh.empty or mesh.size == 1:
+        out = local(qt, kt, vt, q_seg, k_seg)
+    else:
+        rows = ("data", "fsdp")
+        heads = P(rows, head_axis, None, None)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, P(rows, None),
+                                                        P(rows, None)),
+                            out_specs=heads, check_vma=False)(qt, kt, vt, q_seg, k_seg)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)

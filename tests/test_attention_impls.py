@@ -1,0 +1,132 @@
+"""Every attention implementation equals the dense `xla` reference in value and gradient (fp32,
+1e-5) on the layouts the code produces: grouped-query heads, left and right padding, packed
+segments, Olmo-3's sliding window across its boundary, a query block over a KV cache (T != S),
+and lengths that are not a multiple of the block."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlcsd_jax.models import attention_impls, flash
+
+B, H, KV, D = 2, 4, 2, 16
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _qkv(t, s, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (B, t, H, D)), jax.random.normal(ks[1], (B, s, KV, D)),
+            jax.random.normal(ks[2], (B, s, KV, D)))
+
+
+def right_padded(t, lengths):
+    seg = (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    pos = np.broadcast_to(np.arange(t), (len(lengths), t)).astype(np.int32)
+    return pos, seg
+
+
+def left_padded(t, lengths):
+    seg = (np.arange(t)[None] >= t - np.asarray(lengths)[:, None]).astype(np.int32)
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32)
+    return pos, seg
+
+
+def packed(t, lengths):
+    """Row b holds sequences of the given lengths back to back (segment ids 1, 2, ...)."""
+    pos, seg = np.zeros((len(lengths), t), np.int32), np.zeros((len(lengths), t), np.int32)
+    for b, parts in enumerate(lengths):
+        start = 0
+        for i, n in enumerate(parts):
+            pos[b, start:start + n] = np.arange(n)
+            seg[b, start:start + n] = i + 1
+            start += n
+    return pos, seg
+
+
+LAYOUTS = {
+    "right": lambda t: right_padded(t, [t, t - 37]),
+    "left": lambda t: left_padded(t, [t - 5, t - 61]),
+    "packed": lambda t: packed(t, [[70, 60, t - 140], [t - 9]]),
+}
+
+
+def _check(impl, t, pos, seg, window, **kw):
+    q, k, v = _qkv(t, t)
+    args = (jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(seg))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(f, q, k, v):   # only real queries: padding queries' outputs are unspecified
+        return jnp.sum(jnp.where(real, f(q, k, v, *args, window=window) * cot, 0.0))
+
+    ref_fn = functools.partial(loss, attention_impls.xla_attention)
+    got_fn = functools.partial(loss, functools.partial(impl, **kw))
+    np.testing.assert_allclose(got_fn(q, k, v), ref_fn(q, k, v), **TOL)
+    out_ref = attention_impls.xla_attention(q, k, v, *args, window=window)
+    out = impl(q, k, v, *args, window=window, **kw)
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, out_ref, 0), **TOL)
+    for g, r in zip(jax.grad(got_fn, (0, 1, 2))(q, k, v), jax.grad(ref_fn, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, r, **TOL)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("window", [None, 48])
+def test_blockwise_equals_reference(layout, window):
+    t = 200                               # not a multiple of the 64-token blocks
+    pos, seg = LAYOUTS[layout](t)
+    _check(flash.blockwise_attention, t, pos, seg, window, q_block=64, kv_block=64)
+
+
+def test_blockwise_over_a_cache():
+    """T = 8 new queries over S = 200 cache slots, some empty (a decode / chunked prefill)."""
+    t, s = 8, 200
+    q, k, v = _qkv(t, s, seed=3)
+    k_seg = np.zeros((B, s), np.int32)
+    k_seg[0, :150], k_seg[1, 20:120] = 1, 1                      # row 1 left-padded by 20
+    k_pos = np.maximum(np.cumsum(k_seg, 1) - 1, 0).astype(np.int32)
+    q_pos = np.stack([np.arange(142, 150), np.arange(92, 100)]).astype(np.int32)
+    q_seg = np.ones((B, t), np.int32)
+    args = [jnp.asarray(x) for x in (q_pos, k_pos, q_seg, k_seg)]
+    for window in (None, 16):
+        ref = attention_impls.xla_attention(q, k, v, *args, window=window)
+        got = flash.blockwise_attention(q, k, v, *args, window=window, q_block=8, kv_block=64)
+        np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_fully_masked_queries_are_finite_and_keys_beyond_every_query_skipped():
+    t = 128
+    pos, seg = right_padded(t, [0, 40])                       # row 0 is all padding
+    q, k, v = _qkv(t, t)
+    out = flash.blockwise_attention(q, k, v, jnp.asarray(pos), jnp.asarray(pos),
+                                    jnp.asarray(seg), jnp.asarray(seg), q_block=32, kv_block=32)
+    assert np.isfinite(np.asarray(out)).all() and not np.asarray(out)[0].any()
+    need = flash._needed(*[flash._blocks(jnp.asarray(x), 4, 1) for x in (pos, seg, pos, seg)],
+                         flash._NONE)
+    # causal: block i needs key blocks 0..i only, and nothing past the 40 real tokens of row 1
+    assert np.asarray(need).tolist() == [[True, False, False, False], [True, True, False, False],
+                                         [False] * 4, [False] * 4]
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+@pytest.mark.parametrize("window", [None, 100])
+def test_splash_interpret_equals_reference(layout, window):
+    """The TPU kernel itself, run by Pallas' interpreter on CPU (256 tokens, 128-token blocks)."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    t = 256
+    pos, seg = LAYOUTS[layout](t)
+    _check(attention_impls.splash_attention, t, pos, seg, window)
+
+
+@pytest.mark.parametrize("window", [None, 48])
+def test_cudnn_path_masks_like_the_reference(window):
+    """cuDNN's masking (causal + per-row lengths + window) through jax.nn.dot_product_attention's
+    XLA implementation on CPU; left-padded rows fall back to blockwise."""
+    t = 96
+    pos, seg = right_padded(t, [t, 50])
+    _check(attention_impls.cudnn_attention, t, pos, seg, window, right_padded=True,
+           implementation="xla")
+    pos, seg = left_padded(t, [t, 50])
+    _check(attention_impls.cudnn_attention, t, pos, seg, window)     # falls back

@@ -48,14 +48,17 @@ def _num(x, fmt="{:,.0f}"):
     return fmt.format(x)
 
 
+def fmt_bytes(n) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
 def _bytes(n, method) -> str:
     if n is None:
         return "n/a"
-    tag = _MEM_TAG.get(method, method)
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= div:
-            return f"{n / div:.2f} {unit} ({tag})"
-    return f"{n / 2**10:.0f} KiB ({tag})"
+    return f"{fmt_bytes(n)} ({_MEM_TAG.get(method, method)})"
 
 
 def _clean(text: str) -> str:

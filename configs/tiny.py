@@ -54,7 +54,6 @@ def get_config():
     c.train.warmup_steps = 2
     c.train.teacher_max_len = 1024
     c.train.teacher_buckets = tuple(range(64, 2049, 64))
-    c.train.score_chunk = 64
     c.train.distill_top_k = 32
     c.teacher.sync_interval = 10
     c.teacher.k_max = 2

@@ -135,7 +135,8 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
         return dict(out, rows=np.zeros(0, np.int64), token_ids=empty.astype(np.int32),
                     mask=empty.astype(np.int32), e_c=empty, e_ctr=empty,
                     rewards=np.zeros(0, np.float32), texts=[])
-    e_c, e_ctr = _score_signals(trainer, ro, ctx, k_max=k_max, with_ctr=has_ctr)
+    with jax.set_mesh(trainer.mesh):
+        e_c, e_ctr = _score_signals(trainer, ro, ctx, k_max=k_max, with_ctr=has_ctr)
     rows = np.asarray(ctx.kept)
     return dict(out, rows=rows, token_ids=ro.tokens[rows].astype(np.int32),
                 mask=ro.response_mask()[rows], e_c=e_c, e_ctr=e_ctr,
@@ -158,6 +159,7 @@ def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
     import jax
 
     from rlcsd_jax import losses
+    from rlcsd_jax.data.packing import bucket_length
     from rlcsd_jax.trainer import batches, update
 
     method = "rlcsd" if with_ctr else "rlsd"
@@ -169,19 +171,23 @@ def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
     tparams = getattr(state, "teacher", None)
     tparams = state.params if tparams is None else tparams
     k_slots = batches.num_wrong_slots(method, k_max)
-    ids_full, mask_full = batches.full_student_rows(ro)
+    max_len, buckets = trainer.cfg.train.teacher_max_len, trainer.teacher_buckets
     e_c, e_ctr, pos = [], [], 0
     for rows in batches.minibatch_rows(np.asarray(ctx.kept), m):
-        sb = put(batches.student_batch(ro, rows, m, ids_full, mask_full))
+        positions = np.arange(pos, pos + len(rows))
+        s_len, r_len = batches.student_lengths(ro, rows)
+        t_len = batches.teacher_lengths(ctx, positions, r_len, max_len=max_len)
+        sb = put(batches.student_batch(ro, rows, m, bucket_length(int(s_len.max()), buckets),
+                                       n, trainer.pad_id))
         logp = update.old_logprobs(trainer.graphdef, state.params, None, sb, spec=spec,
                                    with_ref=False)["old_logp"]
-        tb = batches.teacher_arrays(ro, ctx, np.arange(pos, pos + len(rows)), rows, m,
-                                    k_slots=k_slots, max_len=trainer.cfg.train.teacher_max_len,
-                                    pad_id=trainer.pad_id)
+        tb = batches.teacher_arrays(ro, ctx, positions, rows, m, k_slots=k_slots,
+                                    max_len=max_len, pad_id=trainer.pad_id,
+                                    width=bucket_length(int(t_len.max()), buckets))
         tb.pop("truncated_prompt_tokens", None)
         wrong_valid = put(tb.pop("wrong_valid"))
         tb = dict(put(tb, leading_axis=1), wrong_valid=wrong_valid)
-        teacher = update.teacher_outputs(trainer.graphdef, tparams, tb, None, spec)
+        teacher = update.teacher_outputs(trainer.graphdef, tparams, tb, None, spec, length=n)
         if not with_ctr:    # one dummy wrong slot equal to the correct one: e_ctr = 0, unused
             tc = teacher["teacher_logp"]
             teacher = dict(teacher_correct_logp=tc, teacher_wrong_logp=tc[:, None, :],

@@ -44,7 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         group_size=8, prompts_per_step=64, max_new_tokens=16384, temperature=1.0, top_p=0.95,
         top_k=20,
-        prompt_buckets=(),                  # prompt length buckets; () = powers of two
+        prompt_buckets=(),                  # prompt length buckets; () = data.packing's rule
         permute_rewards=False))             # control run: rewards shuffled across each step
 
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
@@ -53,9 +53,12 @@ def get_base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8,
         grad_clip=-1.0,                     # <0: method default (1.0; 0.1 for opsd*)
         loss_aggregation="",                # "": per_rollout for all methods but grpo (batch)
-        score_chunk=256, distill_top_k=100,
+        # Memory bound of scoring and the update: rows are cut into micro-batches of at most
+        # this many tokens per device (like the reference's ppo_max_token_len_per_gpu; a longer
+        # row runs alone), and the LM head runs on chunks of score_chunk tokens per device.
+        micro_batch_tokens=40960, score_chunk=4096, distill_top_k=100,
         teacher_max_len=40960,              # token budget of a teacher sequence (§2.4)
-        teacher_buckets=(),                 # teacher sequence buckets; () = powers of two
+        teacher_buckets=(),                 # scoring row buckets; () = data.packing's rule
         rollout_is=False, rollout_is_mode="token", rollout_is_threshold=2.0,  # §10.1, off
         # Start-up memory check: every program is compiled at its largest shape and its memory
         # compared with the device's limit (memory_stats()["bytes_limit"]) before sampling;

@@ -7,7 +7,7 @@ tokens) keep RoPE and causality exact for every row (`attention_mask` works on p
 G samples per prompt share one prefill: the prompt cache and last-position logits are repeated
 G times along the batch before the first token is drawn, instead of prefilling G copies.
 
-Static shapes: prompt lengths are padded to a bucket (powers of two by default) and the cache
+Static shapes: prompt lengths are padded to a bucket (`data.packing`'s rule) and the cache
 holds bucket + max_new_tokens slots, so a run compiles one prefill and one decode program per
 (batch, bucket).  Cache buffers are donated to the decode loop.
 
@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlcsd_jax.data.packing import bucket_length
 from rlcsd_jax.models.decoder import KVCache
 
-DEFAULT_BUCKETS = tuple(2 ** i for i in range(4, 17))  # 16 … 65536
+# Prompt widths: `data.packing`'s rule (powers of two, then steps of 2,048 above 8,192).
+DEFAULT_BUCKETS = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,13 +238,6 @@ def generate_arrays(model_or_graphdef, params, input_ids, attention_mask, key, *
 # ----------------------------------------------------------------------------------------------
 # High-level API
 # ----------------------------------------------------------------------------------------------
-
-
-def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    raise ValueError(f"prompt length {n} exceeds the largest bucket {max(buckets)}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0):

@@ -5,12 +5,14 @@ real length for right-padded rows, the padded prompt width for left-padded sampl
 log-prob of response token j is read from the logits at index `start - 1 + j` of that same row,
 at id `input_ids[start + j]`.  Nothing depends on the padded width or on other rows.
 
-Memory: only the T response positions go through the LM head, in chunks of `chunk` positions
-under `jax.checkpoint`, so neither the forward nor the backward holds [B, T, V] in fp32; peak
-extra memory is O(B * chunk * V).
+Memory: only the T response positions go through the LM head, in chunks under
+`jax.checkpoint`, so neither the forward nor the backward holds [B, T, V] in fp32: a chunk holds
+about `chunk` tokens per device (positions per chunk = chunk / rows per device), so the peak is
+O(chunk * V) per device whatever the micro-batch's shape.
 
 The student (with gradient, inside the loss) and every teacher (stop-gradient, teacher params)
-use this same code; `score_contexts` vmaps it over a leading context axis C.
+use this same code; `score_contexts` runs it over a leading context axis C, one context at a
+time, so teacher memory does not grow with the number of contexts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 4096       # LM-head tokens per device per chunk
+
+
+def positions_per_chunk(rows: int, length: int, chunk: int) -> int:
+    """Response positions per LM-head chunk so one chunk is about `chunk` tokens per device
+    (rows are split over the batch mesh axes of the tracing context's mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    per_device = max(1, rows // shards)
+    return max(1, min(length, chunk // per_device))
 
 
 def gather_response(h: jax.Array, input_ids: jax.Array, response_start: jax.Array, length: int):
@@ -53,7 +64,7 @@ def _chunk_stats(logits_fn, h, targets, at_ids, top_k: int, entropy: bool, tempe
 
 def response_stats(model, input_ids, attention_mask, response_start, length: int, *,
                    temperature: float = 1.0, top_k: int = 0, at_ids=None, entropy: bool = False,
-                   chunk: int = DEFAULT_CHUNK) -> dict:
+                   chunk: int = DEFAULT_CHUNK, right_padded: bool = False) -> dict:
     """Statistics of the `length` response tokens of every row.
 
     input_ids, attention_mask [B, S]; response_start [B].  Returns fp32 arrays:
@@ -61,11 +72,12 @@ def response_stats(model, input_ids, attention_mask, response_start, length: int
       topk_ids, topk_logp [B,T,k]  this context's own top-k (when top_k > 0)
       at_ids_logp [B, T, k]        log-probs at given ids `at_ids` [B, T, k]
       entropy [B, T]               full-vocabulary entropy (when entropy=True)
-    Positions past a row's response length hold garbage; callers mask them.
+    Positions past a row's response length hold garbage; callers mask them.  right_padded: rows
+    are [real | padding] (lets attention use length masks, see `models.attention_impls`).
     """
-    h, _ = model.hidden_states(input_ids, attention_mask)
+    h, _ = model.hidden_states(input_ids, attention_mask, right_padded=right_padded)
     h_resp, targets = gather_response(h, input_ids, response_start, length)
-    c = min(chunk, length)
+    c = positions_per_chunk(input_ids.shape[0], length, chunk)
     n_chunks = -(-length // c)
     pad = n_chunks * c - length
     if pad:
@@ -89,23 +101,25 @@ def response_stats(model, input_ids, attention_mask, response_start, length: int
 
 
 def score_contexts(model, input_ids, attention_mask, response_start, length: int, **kw) -> dict:
-    """The same statistics for C contexts at once: inputs [C, B, S] / [C, B] -> [C, B, T, …].
+    """The same statistics for C contexts: inputs [C, B, S] / [C, B] -> [C, B, T, …], one
+    context after the other (`lax.map`), so memory is that of one context.
 
     `at_ids` (if given) is shared by all contexts: [B, T, k].
     """
     at_ids = kw.pop("at_ids", None)
 
-    def one(ids, mask, start):
+    def one(args):
+        ids, mask, start = args
         return response_stats(model, ids, mask, start, length, at_ids=at_ids, **kw)
 
-    return jax.vmap(one)(input_ids, attention_mask, response_start)
+    return jax.lax.map(one, (input_ids, attention_mask, response_start))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length", "top_k", "entropy",
-                                             "temperature", "chunk"))
+                                             "temperature", "chunk", "right_padded"))
 def score(graphdef, params, input_ids, attention_mask, response_start, at_ids=None, *,
           length: int, top_k: int = 0, entropy: bool = False, temperature: float = 1.0,
-          chunk: int = DEFAULT_CHUNK) -> dict:
+          chunk: int = DEFAULT_CHUNK, right_padded: bool = False) -> dict:
     """Jitted, stop-gradient multi-context scoring with `params` (e.g. teacher params).
 
     input_ids / attention_mask [C, B, S], response_start [C, B] -> dict of [C, B, T, …].
@@ -113,4 +127,4 @@ def score(graphdef, params, input_ids, attention_mask, response_start, at_ids=No
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
     return score_contexts(model, input_ids, attention_mask, response_start, length,
                           top_k=top_k, at_ids=at_ids, entropy=entropy, temperature=temperature,
-                          chunk=chunk)
+                          chunk=chunk, right_padded=right_padded)

@@ -22,7 +22,7 @@ be forwarded unconditionally; losses ignore them through ``wrong_valid``. The re
 the student's, verbatim (never re-tokenised); take them from the response mask
 (:func:`response_ids_from_mask`), not by dropping pad ids (§12.14). When prompt + response
 exceeds ``max_len`` the PROMPT is truncated from the left (its last tokens are kept); the
-response never is. ``S`` is rounded up to a bucket so a run compiles few shapes.
+response never is. ``S`` is rounded up to a bucket (`data.packing`) so a run compiles few shapes.
 """
 
 from __future__ import annotations
@@ -32,18 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
+from rlcsd_jax.data.packing import bucket_length
+
 TokenIds = Sequence[int]
-
-
-def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
-    """Smallest bucket ≥ n from ``buckets``, or the next power of two (≥ 1) when None."""
-    if buckets:
-        fits = [b for b in sorted(buckets) if b >= n]
-        if not fits:
-            raise ValueError(f"sequence length {n} exceeds the largest bucket {max(buckets)}; "
-                             "add a larger bucket or lower max_len.")
-        return int(fits[0])
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def truncate_prompt_left(prompt: TokenIds, response_len: int,
@@ -115,7 +106,8 @@ def pack_teacher_batch(correct_prompts: Sequence[TokenIds],
                        wrong_prompts: Sequence[Sequence[TokenIds]],
                        responses: Sequence[TokenIds], *, k_max: int,
                        max_len: int | None = None, buckets: Sequence[int] | None = None,
-                       pad_id: int = 0, batch_size: int | None = None) -> TeacherBatch:
+                       pad_id: int = 0, batch_size: int | None = None,
+                       seq_len: int | None = None) -> TeacherBatch:
     """Pack one correct + up to ``k_max`` wrong teacher contexts per target.
 
     Args:
@@ -128,6 +120,7 @@ def pack_teacher_batch(correct_prompts: Sequence[TokenIds],
       max_len: token budget per teacher sequence (``ppo_max_token_len_per_gpu``, §2.4).
       buckets: allowed sequence widths; default next power of two.
       batch_size: pad B with empty rows (all-pad, lengths 0, no valid slot) to this size.
+      seq_len: the row width S (default: the bucket of the longest row).
     """
     b = len(correct_prompts)
     if not (len(wrong_prompts) == len(responses) == b):
@@ -152,7 +145,7 @@ def pack_teacher_batch(correct_prompts: Sequence[TokenIds],
             dropped[s, i] = n_drop
     resp = [list(r) for r in responses]
     longest = max((len(p) + len(r) for slot in slots for p, r in zip(slot, resp)), default=1)
-    seq_len = bucket_length(max(longest, 1), buckets)
+    seq_len = seq_len or bucket_length(max(longest, 1), buckets)
     pad_rows = (batch_size or b) - b
     resp_padded = resp + [[]] * pad_rows
     ids, att, plen = [], [], []

@@ -58,14 +58,15 @@ def recompute(trainer, signals):
     ro, ctx = signals["rollouts"], signals["contexts"]
     rows = np.asarray(ctx.kept)
     m = len(rows)
-    spec = dataclasses.replace(trainer.spec, method="rlcsd", response_len=ro.tokens.shape[1])
-    ids_full, mask_full = batches.full_student_rows(ro)
-    sb = batches.student_batch(ro, rows, m, ids_full, mask_full)
+    n = ro.tokens.shape[1]
+    spec = dataclasses.replace(trainer.spec, method="rlcsd", response_len=n)
+    sb = batches.student_batch(ro, rows, m, 1024, n, trainer.pad_id)
     logp = update.student_stats(trainer.graphdef, trainer.state.params, sb, spec)["logp"]
     tb = batches.teacher_arrays(ro, ctx, np.arange(m), rows, m,
                                 k_slots=trainer.cfg.teacher.k_max,
-                                max_len=trainer.cfg.train.teacher_max_len, pad_id=trainer.pad_id)
-    t = update.teacher_outputs(trainer.graphdef, trainer.state.params, tb, None, spec)
+                                max_len=trainer.cfg.train.teacher_max_len, pad_id=trainer.pad_id,
+                                width=2048)
+    t = update.teacher_outputs(trainer.graphdef, trainer.state.params, tb, None, spec, length=n)
     d = losses.signal_diagnostics(logp=logp, teacher_correct_logp=t["teacher_correct_logp"],
                                   teacher_wrong_logp=t["teacher_wrong_logp"],
                                   wrong_valid=t["wrong_valid"], mask=sb["response_mask"])

@@ -88,3 +88,26 @@ def test_loops_are_counted_by_their_trip_counts(v5p):
     (loop,) = cost.loops
     assert loop.trip_count is None
     assert loop.per_iteration["flops"] == pytest.approx(one, rel=1e-2)
+
+
+def test_splash_kernels_are_priced(v5p):
+    """XLA's cost analysis cannot see into the Pallas splash kernels; the planner prices them
+    from their call-site scope: 4 + 6 + 8 FLOPs (forward, dq, dkv) per computed tile element."""
+    from rlcsd_jax.models import splash
+
+    sl, _ = v5p
+    mesh = jax.sharding.Mesh(np.asarray(sl.devices[:1]).reshape(1, 1, 1),
+                             ("data", "fsdp", "tensor"))
+    sds = lambda s, d=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        s, d, sharding=NamedSharding(mesh, P()))
+    q, kv, seg = sds((2, 2048, 16, 128)), sds((2, 2048, 8, 128)), sds((2, 2048), jnp.int32)
+
+    def loss(q, k, v, s):
+        return jnp.sum(splash.splash_attention(q, k, v, s, s).astype(jnp.float32))
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
+    cost = hlo_cost.program_cost(compiled)
+    kernels = 18 * 2 * 16 * 2048 * 2048 * 128 * splash.block_density(2048, 512, None)
+    assert cost.custom_calls == []                       # every kernel priced
+    assert kernels <= cost.flops <= kernels * 1.01       # plus XLA's own small ops

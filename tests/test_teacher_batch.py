@@ -68,7 +68,9 @@ def test_buckets_and_batch_padding():
     assert b.active_slots == 2  # only one wrong slot is ever valid: slot 2 can be skipped
     with pytest.raises(ValueError, match="bucket"):
         tb.pack_teacher_batch([[1] * 70], [[]], [[5]], k_max=1, buckets=[8, 64])
-    assert [tb.bucket_length(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
+    # powers of two up to 8192, then steps of 2048: a 33k-token row pads to 34,816, not 65,536
+    assert [tb.bucket_length(n) for n in (1, 17, 64, 65, 8192, 8193, 33000)] == [
+        16, 32, 64, 128, 8192, 10240, 34816]
     with pytest.raises(ValueError, match="k_max"):
         tb.pack_teacher_batch([[1]], [[[2], [3]]], [[4]], k_max=1)
     with pytest.raises(ValueError, match="batch_size"):

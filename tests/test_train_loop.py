@@ -185,9 +185,9 @@ def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, f
     tr = loop.Trainer(cfg, str(tmp_path))
 
     def sequence_logp(params, ro):
-        ids, mask = batches.full_student_rows(ro)
         rows = np.arange(len(ro.texts))
-        sb = tr.put(batches.student_batch(ro, rows, len(rows), ids, mask))
+        sb = tr.put(batches.student_batch(ro, rows, len(rows), 1024, ro.tokens.shape[1],
+                                          tr.pad_id))
         logp = update.old_logprobs(tr.graphdef, params, None, sb, spec=tr.spec,
                                    with_ref=False)["old_logp"]
         return (np.asarray(logp) * ro.response_mask()).sum(1)

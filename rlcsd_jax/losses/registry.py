@@ -72,15 +72,19 @@ class MethodSettings:
     # on every method but grpo (the reference's ~1-rollout micro-batches make sdpo/srpo
     # effectively per-rollout too), which overrides §4.9's shorter list.
     aggregation: str
+    # The batch-aggregated loss is ONE token-mean (a micro-batch's share of it is exact): false
+    # for rlcsd (two paths, each normalised by its own token count) and srpo (entropy weights
+    # normalised over the batch).
+    token_mean_loss: bool = True
 
 
 METHODS = types.MappingProxyType({
     "grpo": MethodSettings(None, None, False, 1.0, "batch"),
     "opsd": MethodSettings("fixed", "gt_solution", False, 0.1, "per_rollout"),
     "sdpo": MethodSettings("ema", "gt_solution", False, 1.0, "per_rollout"),
-    "srpo": MethodSettings("ema", "gt_solution", False, 1.0, "per_rollout"),
+    "srpo": MethodSettings("ema", "gt_solution", False, 1.0, "per_rollout", False),
     "rlsd": MethodSettings("snapshot", "gt_solution", False, 1.0, "per_rollout"),
-    "rlcsd": MethodSettings("snapshot", "self_rollout", False, 1.0, "per_rollout"),
+    "rlcsd": MethodSettings("snapshot", "self_rollout", False, 1.0, "per_rollout", False),
     "opsd_ectr": MethodSettings("fixed", "self_rollout", True, 0.1, "per_rollout"),
     "rlsd_ectr": MethodSettings("snapshot", "self_rollout", True, 1.0, "per_rollout"),
 })

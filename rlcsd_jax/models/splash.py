@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 # Preferred block sizes per TPU generation (device_kind prefix): larger tiles amortise the
@@ -61,6 +62,23 @@ def _kernel(heads: int, length: int, window: int | None, block: int, interpret: 
                                       head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def block_density(length: int, block: int, window: int | None) -> float:
+    """Fraction of (q block, kv block) tiles the kernel computes for a causal (or local) mask:
+    the kernel skips the empty ones, so this is what its FLOPs scale with."""
+    n = length // block
+    i = np.arange(n)[:, None]
+    j = np.arange(n)[None, :]
+    live = j <= i                                  # some key of block j <= some query of i
+    if window is not None:                         # ... and inside the window of some query
+        live &= (j + 1) * block - 1 > i * block - window
+    return float(live.sum()) / (n * n)
+
+
+# The planner prices the kernel from this scope name (XLA's cost analysis cannot see inside a
+# Pallas call): local batch, heads, kv heads, length, head dim, tile density.
+SCOPE = "splash_b{b}_h{h}_kv{kv}_t{t}_d{d}_density{density:.6f}"
+
+
 def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
     """q [B, T, H, D], k / v [B, T, KV, D], segment ids [B, T] -> [B, T, H, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
@@ -82,8 +100,11 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
 
     def local(qt, kt, vt, qs, ks):
         kernel = _kernel(qt.shape[1], t, window, block, interpret)
-        return jax.vmap(lambda q_, k_, v_, s1, s2: kernel(q_, k_, v_, SegmentIds(s1, s2)))(
-            qt, kt, vt, qs, ks)
+        scope = SCOPE.format(b=qt.shape[0], h=qt.shape[1], kv=kt.shape[1], t=t, d=d,
+                             density=block_density(t, block, window))
+        with jax.named_scope(scope):
+            return jax.vmap(lambda q_, k_, v_, s1, s2: kernel(q_, k_, v_, SegmentIds(s1, s2)))(
+                qt, kt, vt, qs, ks)
 
     if mesh.empty or mesh.size == 1:
         out = local(qt, kt, vt, q_seg, k_seg)

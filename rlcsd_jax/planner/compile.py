@@ -35,6 +35,7 @@ class Measured:
     error: str | None = None                  # a compile error other than "does not fit"
     cost: hlo_cost.ProgramCost | None = None
     compile_s: float = 0.0
+    typical: "Measured | None" = None         # the program at the mean lengths (time estimate)
 
     @property
     def total_bytes(self) -> float:
@@ -85,7 +86,8 @@ def measure(program: programs_lib.Program, budget: float | None,
     m.argument_bytes = device_bytes(program.args)
     t0 = time.perf_counter()
     try:
-        with topology.persistent_cache_off(program.mesh.devices.flat[0]):
+        with topology.persistent_cache_off(program.mesh.devices.flat[0]), \
+                jax.set_mesh(program.mesh):
             m.compiled = program.lower().compile()
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is reported, not raised
         parsed = topology.parse_hbm_error(str(e))
@@ -108,28 +110,49 @@ def measure(program: programs_lib.Program, budget: float | None,
     return m
 
 
+def _signature(program) -> str:
+    """The program's identity for compilation: function, static arguments, abstract inputs."""
+    def describe(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return (x.shape, str(x.dtype), str(x.sharding.spec))
+        return x
+    args = jax.tree.map(describe, (program.args, program.kwargs),
+                        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return f"{program.name}|{id(program.fn)}|{args!r}"
+
+
 def compile_programs(rs: programs_lib.RunSetup, *, budget: float | None,
                      mean_response_len: int | None = None, with_cost: bool = True,
                      log: bool = True) -> list[Measured]:
     """Build the run's programs in order and compile each once; a later program's inputs are the
-    compiled outputs (shardings included) of the one that produces them."""
+    compiled outputs (shardings included) of the one that produces them.  with_cost=False (the
+    trainer's start-up check) compiles only the largest shapes and skips the cost analysis."""
     results: dict[str, Measured] = {}
 
     def compile_once(program):
-        if program.name not in results:
-            results[program.name] = measure(program, budget, with_cost)
-            m = results[program.name]
+        key = _signature(program)            # a typical twin equal to its largest shape is reused
+        if key not in results:
+            results[key] = measure(program, budget, with_cost)
+            m = results[key]
             if log:
                 state = {True: "fits", False: "does NOT fit", None: "compile error"}[m.fits]
-                logging.info("compiled %-22s in %5.1fs: %s", program.name, m.compile_s, state)
-        return results[program.name]
+                logging.info("compiled %-22s %-18s in %5.1fs: %s", program.name,
+                             program.what.split(",")[0][:18], m.compile_s, state)
+        return results[key]
 
     def lower_dependent(program):
-        m = compile_once(program)
-        if m.compiled is not None:
-            return _out_info(m.compiled)
+        if with_cost or not program.is_typical:
+            m = compile_once(program)
+            if m.compiled is not None:
+                return _out_info(m.compiled)
         return programs_lib.like_outputs(program.fn, program.args, program.kwargs, rs.mesh)
 
     progs = programs_lib.build(rs, mean_response_len=mean_response_len,
                                lower_dependent=lower_dependent)
-    return [compile_once(p) for p in progs]
+    out = []
+    for p in progs:
+        m = compile_once(p)
+        if with_cost and p.typical is not None:
+            m.typical = compile_once(p.typical)
+        out.append(m)
+    return out

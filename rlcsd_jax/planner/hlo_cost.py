@@ -4,13 +4,17 @@ XLA's `cost_analysis()` visits a `while` body once, so a program that scans over
 maps the LM head over 64 chunks, reports the cost of one layer and one chunk.  This module
 re-runs the cost analysis on the optimised HLO one computation at a time: each loop body is
 analysed as a module of its own and weighted by its trip count, read from the loop condition
-(JAX lowers `scan` / `fori_loop` to `i < N` with i from 0).  A loop whose count is data
+(`i < N`, with i's start and step read from the caller and the body).  A loop whose count is data
 dependent (a decode `while_loop` that stops when every row is done) is reported in `loops`
 with its per-iteration cost and counted once, so the caller multiplies it by its own count.
 
 The cost model is XLA's own `HloCostAnalysis` (through the CPU client, which prices the TPU
 program's HLO the same way: checked equal on loop-free programs).  Pallas kernels are custom
-calls that this analysis does not price; `custom_calls` lists them so a report can say so.
+calls that this analysis does not see into; the splash attention kernels are priced from the
+shapes and tile density their call site records in its scope name (`models.splash.SCOPE`):
+forward 4, dq 6, dkv 8 matmul-FLOPs per (query, key, head dim) element of the computed tiles,
+and each of q, k, v, o and their gradients read or written once.  Other custom calls are listed
+in `custom_calls` as unpriced.
 """
 
 from __future__ import annotations
@@ -22,10 +26,19 @@ import jax
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\{\s*$")
 _WHILE = re.compile(r"\swhile\(.*condition=%([^\s,]+), body=%([^\s,]+)")
-_CONSTANT = re.compile(r"^\s*%(\S+) = s32\[\]\S* constant\((-?\d+)\)")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"^\s*%(\S+) = [su](?:32|64)\[\]\S* constant\((-?\d+)\)")
 _COMPARE_LT = re.compile(r"compare\(%(\S+), %(\S+)\), direction=LT")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+_SPLASH = re.compile(r"splash_b(\d+)_h(\d+)_kv(\d+)_t(\d+)_d(\d+)_density([\d.]+)")
+_SPLASH_KIND = re.compile(r"%splash_(?:mha|mqa)_(fwd|dq|dkv)")
+_CALLED = re.compile(r"(?:body|condition|calls|to_apply)=%([^\s,)]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%([^\s,)]+)")
 KEYS = ("flops", "bytes accessed", "transcendentals")
+# Matmul FLOPs per computed (query, key, head-dim) element, and tensors of [B, heads, T, D]
+# moved, per splash kernel: (flops factor, q-head tensors, kv-head tensors).
+_SPLASH_COST = {"fwd": (4, 2, 2), "dq": (6, 3, 2), "dkv": (8, 2, 4)}
 
 
 @dataclasses.dataclass
@@ -48,16 +61,31 @@ def _print_options():
     import jaxlib._hlo as hlo
 
     opts = hlo.HloPrintOptions()
-    opts.print_metadata = False
-    opts.print_backend_config = False
+    opts.print_metadata = True              # kernel call sites record their shapes in op_name
+    opts.print_backend_config = True        # loops the compiler made carry known_trip_count
     opts.print_large_constants = True       # elided constants would not parse back
     return opts
+
+
+_NEW_LINE = re.compile(r"^(  (ROOT )?%|ENTRY |%|\}$|$)")
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Physical lines joined into instructions: an instruction's frontend attributes (Pallas
+    kernel metadata) can span several lines."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if out and not _NEW_LINE.match(line) and out[-1].startswith("  "):
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
 
 
 def _split(text: str):
     """Module text -> (computation name -> its lines, order, entry name)."""
     comps, order, entry, current = {}, [], None, None
-    for line in text.split("\n"):
+    for line in _logical_lines(text):
         if current is None:
             m = _COMPUTATION.match(line)
             if m:
@@ -73,21 +101,105 @@ def _split(text: str):
     return comps, order, entry
 
 
-def _trip_count(cond_lines: list[str]) -> int | None:
-    consts = {m.group(1): int(m.group(2)) for m in map(_CONSTANT.match, cond_lines) if m}
-    for line in cond_lines:
-        if line.lstrip().startswith("ROOT"):
-            m = _COMPARE_LT.search(line)
-            if m and m.group(2) in consts:
-                return consts[m.group(2)]
-    return None
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
+_GTE_INDEX = re.compile(r"get-tuple-element\(%\S+\), index=(\d+)")
+_OPERANDS = re.compile(r"\b(?:tuple|add|while)\(([^)]*)\)")
+
+
+def _by_name(lines: list[str]) -> dict[str, str]:
+    return {m.group(1): line for line in lines if (m := _INSTR.match(line))}
+
+
+def _constant(line: str | None) -> int | None:
+    m = _CONSTANT.match(line or "")
+    return int(m.group(2)) if m else None
+
+
+def _operands(line: str) -> list[str]:
+    m = _OPERANDS.search(line)
+    return [x.strip().split(" ")[-1].lstrip("%") for x in m.group(1).split(",")] if m else []
+
+
+def _trip_count(cond_lines: list[str], body_lines: list[str], caller_lines: list[str],
+                while_line: str) -> int | None:
+    """Iterations of a counted loop: the condition is `counter < N` with the counter a tuple
+    element that the body advances by a constant step (JAX's scan / fori_loop step 1; XLA's
+    windowed einsum loops step 2) from its initial value in the caller (usually 0).  None for a
+    data-dependent loop."""
+    cond = _by_name(cond_lines)
+    root = next((line for line in cond_lines if line.lstrip().startswith("ROOT")), "")
+    m = _COMPARE_LT.search(root)
+    if not m:
+        return None
+    bound = _constant(cond.get(m.group(2)))
+    gte = _GTE_INDEX.search(cond.get(m.group(1), ""))
+    if bound is None or not gte:
+        return None
+    index = int(gte.group(1))
+    body = _by_name(body_lines)
+    body_root = next((line for line in body_lines if line.lstrip().startswith("ROOT")), "")
+    outs = _operands(body_root)
+    step = 1
+    if index < len(outs) and outs[index] in body:
+        adds = [_constant(body.get(x)) for x in _operands(body[outs[index]])]
+        adds = [x for x in adds if x is not None]
+        if "add(" in body[outs[index]] and adds:
+            step = adds[0]
+    start = 0
+    init = _operands(while_line)
+    caller = _by_name(caller_lines)
+    if init and init[0] in caller:
+        elements = _operands(caller[init[0]])
+        if index < len(elements):
+            start = _constant(caller.get(elements[index])) or 0
+    if step <= 0:
+        return None
+    return max(0, -(-(bound - start) // step))
+
+
+def _kernel_cost(line: str) -> dict | None:
+    """Cost of one splash custom call from its scope name, or None for other instructions."""
+    kind, shape = _SPLASH_KIND.search(line), _SPLASH.search(line)
+    if "custom_call_target" not in line or not (kind and shape):
+        return None
+    b, h, kv, t, d = (int(shape.group(i)) for i in range(1, 6))
+    density = float(shape.group(6))
+    flops_factor, q_tensors, kv_tensors = _SPLASH_COST[kind.group(1)]
+    return {"flops": flops_factor * b * h * t * t * d * density,
+            "bytes accessed": 2.0 * b * t * d * (q_tensors * h + kv_tensors * kv),
+            "transcendentals": b * h * t * t * density if kind.group(1) != "dkv" else 0.0}
+
+
+def _kernels(comps, name: str, cache: dict) -> dict:
+    """Priced kernel cost of a computation, counting what it calls once (loops once, the
+    costlier branch of a conditional), as XLA's analysis counts everything else."""
+    if name in cache:
+        return cache[name]
+    cost = dict.fromkeys(KEYS, 0.0)
+    cache[name] = cost                     # guards against cycles (there are none in HLO)
+    for line in comps.get(name, ()):
+        own = _kernel_cost(line)
+        if own:
+            for k in KEYS:
+                cost[k] += own[k]
+        for called in _CALLED.findall(line):
+            for k, v in _kernels(comps, called, cache).items():
+                cost[k] += v
+        branches = [n.strip().lstrip("%") for m in _BRANCHES.finditer(line)
+                    for n in (m.group(1) or m.group(2) or "").split(",") if n.strip()]
+        if branches:
+            priced = [_kernels(comps, n, cache) for n in branches]
+            top = max(priced, key=lambda c: c["flops"])
+            for k in KEYS:
+                cost[k] += top[k]
+    return cost
 
 
 def _as_entry(comps, order, entry_name: str) -> str:
     """Module text whose ENTRY is `entry_name` (every computation kept, unused ones are harmless)."""
     lines = ["HloModule loop_cost"]
     for name in order:
-        body = list(comps[name])
+        body = [_METADATA.sub("", line) for line in comps[name]]
         head = body[0][len("ENTRY "):] if body[0].startswith("ENTRY ") else body[0]
         body[0] = ("ENTRY " + head) if name == entry_name else head
         lines += body + [""]
@@ -104,12 +216,14 @@ def program_cost(compiled) -> ProgramCost:
     comps, order, entry = _split(text)
     cpu = jax.devices("cpu")[0].client
     analysed: dict[str, dict] = {}
+    kernel_cache: dict[str, dict] = {}
 
     def analysed_once(name: str) -> dict:
         if name not in analysed:
             mod = hlo.hlo_module_from_text(_as_entry(comps, order, name))
             cost = xla_client._xla.hlo_module_cost_analysis(cpu, mod)
-            analysed[name] = {k: float(cost.get(k, 0.0)) for k in KEYS}
+            kernels = _kernels(comps, name, kernel_cache)
+            analysed[name] = {k: float(cost.get(k, 0.0)) + kernels[k] for k in KEYS}
         return analysed[name]
 
     loops: list[Loop] = []
@@ -121,7 +235,9 @@ def program_cost(compiled) -> ProgramCost:
             if not m:
                 continue
             cond, body = m.group(1), m.group(2)
-            n = _trip_count(comps[cond])
+            known = _KNOWN_TRIPS.search(line)
+            n = (int(known.group(1)) if known
+                 else _trip_count(comps[cond], comps[body], comps[name], line))
             inner = full_cost(body)
             loops.append(Loop(body, n, inner))
             if n is None:
@@ -132,6 +248,7 @@ def program_cost(compiled) -> ProgramCost:
         return cost
 
     total = full_cost(entry)
-    calls = sorted(set(_CUSTOM_CALL.findall(text)))
+    calls = sorted({target for line in _logical_lines(text) if _kernel_cost(line) is None
+                    for target in _CUSTOM_CALL.findall(line)})
     return ProgramCost(flops=total["flops"], bytes_accessed=total["bytes accessed"],
                        transcendentals=total["transcendentals"], loops=loops, custom_calls=calls)

@@ -79,12 +79,18 @@ def rows(measured: list[Measured], chip: ChipSpec, num_devices: int) -> list[Row
             r.temp_gib = m.refused_need_bytes / GIB
         if m.fits is False:
             r.advice = advice(m)
-        if m.cost is not None:
-            flops, nbytes, roof = m.per_call(chip)
+        timed = m.typical or m       # time at the mean lengths where the program has a twin
+        if timed.cost is not None:
+            flops, nbytes, roof = timed.per_call(chip)
             r.gflop_per_call, r.gbytes_per_call = flops / 1e9, nbytes / 1e9
             r.seconds_per_call, r.bound = roof.seconds, roof.bound
-            r.tokens_per_s = p.tokens_per_call / roof.seconds if roof.seconds else None
-            r.mfu = roofline_lib.mfu(p.model_flops_per_call / num_devices, roof.seconds, chip)
+            tp = timed.program
+            r.tokens_per_s = (tp.tokens_per_call / roof.seconds
+                              if roof.seconds and tp.tokens_per_call else None)
+            r.mfu = roofline_lib.mfu(tp.model_flops_per_call / num_devices, roof.seconds, chip)
+            r.calls_per_step = tp.calls_per_step
+            if m.typical is not None:
+                r.what += f"; timed at {tp.what}"
         out.append(r)
     return out
 
@@ -128,9 +134,11 @@ def format_table(title: str, table: list[Row], estimate: dict, mean_response_len
             f"{_fmt(r.seconds_per_call, '8.3f')} {r.bound or '-':<7} "
             f"{_fmt(r.tokens_per_s, '9.0f')} {_fmt(None if r.mfu is None else 100 * r.mfu, '4.0f')}% "
             f"{r.calls_per_step:5.0f}")
-    lines += ["", "memory in GiB per device: args (inputs), temp (the compiler's temporaries; "
-              "for a refused program its reported need), resid (train state held in HBM but "
-              "not an input), total vs HBM (the compiler's budget)", ""]
+    lines += ["", "memory in GiB per device at the largest shape: args (inputs), temp (the "
+              "compiler's temporaries; for a refused program its reported need), resid (train "
+              "state held in HBM but not an input), total vs HBM (the compiler's budget).  "
+              "FLOPs, bytes and time per call at the mean lengths (micro-batch programs) or the "
+              "largest shape (the others); calls per training step.", ""]
     for r in table:
         lines.append(f"  {r.name}: {r.what}")
     for r in table:

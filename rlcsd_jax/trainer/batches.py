@@ -1,10 +1,12 @@
-"""Host-side batch building: who survives, teacher contexts, and static-shape mini-batches.
+"""Host-side batch building: who survives, teacher contexts, and the arrays of a micro-batch.
 
 Per method (RLCSD_SPEC §2.2, §2.3, §3): grpo has no teacher; opsd / sdpo / srpo / rlsd use the
 GT-solution teacher for every rollout; rlcsd / opsd_ectr / rlsd_ectr build self-rollout hints and
 DROP rollouts without a valid hint.  Survivors keep their order and their advantage from the
-unfiltered group, and are cut into mini-batches of the nominal size M (padded with zero-mask
-rows, so shapes are static and the per-rollout loss divides by M as the reference does, §4.9).
+unfiltered group, and are cut into mini-batches of the nominal size M (the per-rollout loss
+divides by M as the reference does, §4.9); `microbatch.plan` cuts each mini-batch into
+micro-batches by a token budget, and the builders below lay out one micro-batch: right-padded
+rows `[prompt | response | pad]` sized to that micro-batch, zero-mask rows filling its block.
 """
 
 from __future__ import annotations
@@ -64,56 +66,66 @@ def minibatch_rows(kept: np.ndarray, size: int) -> list[np.ndarray]:
     return [kept[i:i + size] for i in range(0, len(kept), size)]
 
 
-def student_batch(rollouts: Rollouts, rows: np.ndarray, size: int, ids_full: np.ndarray,
-                  mask_full: np.ndarray) -> dict:
-    """Student arrays for `rows`, padded to `size` rows with zero-mask copies of row rows[0]
-    (of row 0 when `rows` is empty: a host with no survivors still joins the global step).
+def prompt_ids(rollouts: Rollouts, row: int) -> np.ndarray:
+    """The real (unpadded) student prompt of rollout `row`."""
+    p = row // rollouts.group_size
+    return rollouts.prompt_ids[p][rollouts.prompt_mask[p] > 0]
 
-    ids_full / mask_full: [R, Pb + N] prompt (left-padded) + response, built once per step.
+
+def student_lengths(rollouts: Rollouts, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt + response, response) token counts of `rows`."""
+    prompt = rollouts.prompt_mask.sum(axis=1)[np.asarray(rows, np.int64) // rollouts.group_size]
+    response = rollouts.lengths[rows]
+    return (prompt + response).astype(np.int64), response.astype(np.int64)
+
+
+def teacher_lengths(contexts: Contexts, positions: np.ndarray, response_len: np.ndarray, *,
+                    max_len: int) -> np.ndarray:
+    """Longest teacher row of each rollout (its contexts, prompts left-truncated to max_len)."""
+    out = np.zeros(len(positions), np.int64)
+    for i, (pos, n) in enumerate(zip(positions, response_len)):
+        prompts = [contexts.correct_prompts[pos], *contexts.wrong_prompts[pos]]
+        out[i] = min(max_len, max(len(p) for p in prompts) + int(n))
+    return out
+
+
+def student_batch(rollouts: Rollouts, rows: np.ndarray, local_rows: int, width: int,
+                  response_width: int, pad_id: int = 0) -> dict:
+    """Student arrays of one micro-batch block: `rows` right padded to `width` tokens, then
+    zero-mask rows up to `local_rows` (a host with fewer survivors still joins the step).
+
+    input_ids / attention_mask [local_rows, width], response_start [local_rows] (the prompt
+    length: the logits at start - 1 + j predict response token j), response_mask / sampler_logp
+    [local_rows, response_width], advantages [local_rows].
     """
-    pad = size - len(rows)
-    idx = np.concatenate([rows, np.full(pad, rows[0] if len(rows) else 0)]).astype(np.int64)
-    live = np.arange(size) < len(rows)
-    resp_mask = rollouts.response_mask()[idx] * live[:, None]
-    pb = rollouts.prompt_ids.shape[1]
-    return dict(
-        input_ids=ids_full[idx], attention_mask=mask_full[idx],
-        response_start=np.full(size, pb, np.int32), response_mask=resp_mask.astype(np.int32),
-        advantages=np.where(live, rollouts.advantages[idx], 0.0).astype(np.float32),
-        sampler_logp=(rollouts.logprobs[idx] * resp_mask).astype(np.float32))
+    rows = np.asarray(rows, np.int64)
+    prompts = [prompt_ids(rollouts, r) for r in rows] + [[]] * (local_rows - len(rows))
+    responses = [rollouts.response_ids(r) for r in rows] + [[]] * (local_rows - len(rows))
+    ids, mask, start = teacher_batch.pack_rows(prompts, responses, seq_len=width, pad_id=pad_id)
+    n = response_width
+    resp_mask = np.zeros((local_rows, n), np.int32)
+    sampler = np.zeros((local_rows, n), np.float32)
+    adv = np.zeros(local_rows, np.float32)
+    for i, r in enumerate(rows):
+        length = int(rollouts.lengths[r])
+        resp_mask[i, :length] = 1
+        sampler[i, :length] = rollouts.logprobs[r, :length]
+        adv[i] = rollouts.advantages[r]
+    return dict(input_ids=ids, attention_mask=mask, response_start=start,
+                response_mask=resp_mask, advantages=adv, sampler_logp=sampler)
 
 
-def full_student_rows(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
-    """[R, Pb + N] ids and mask: each row's left-padded prompt followed by its response."""
-    g = rollouts.group_size
-    ids = np.concatenate([np.repeat(rollouts.prompt_ids, g, 0), rollouts.tokens], axis=1)
-    mask = np.concatenate([np.repeat(rollouts.prompt_mask, g, 0), rollouts.response_mask()],
-                          axis=1)
-    return ids.astype(np.int32), mask.astype(np.int32)
-
-
-def teacher_arrays(rollouts: Rollouts, contexts: Contexts, chunk_positions: np.ndarray,
-                   rows: np.ndarray, size: int, *, k_slots: int, max_len: int, pad_id: int,
-                   buckets=None) -> dict:
-    """[C, size, S] teacher rows for the kept rows `rows` (positions `chunk_positions` in
+def teacher_arrays(rollouts: Rollouts, contexts: Contexts, positions: np.ndarray,
+                   rows: np.ndarray, local_rows: int, *, k_slots: int, max_len: int, pad_id: int,
+                   width: int) -> dict:
+    """[C, local_rows, width] teacher rows for the kept rows `rows` (positions `positions` in
     contexts.kept order): right-padded [teacher prompt | student response verbatim]."""
-    correct = [contexts.correct_prompts[p] for p in chunk_positions]
-    wrong = [contexts.wrong_prompts[p] for p in chunk_positions]
+    correct = [contexts.correct_prompts[p] for p in positions]
+    wrong = [contexts.wrong_prompts[p] for p in positions]
     responses = [rollouts.response_ids(r) for r in rows]
     tb = teacher_batch.pack_teacher_batch(correct, wrong, responses, k_max=k_slots,
-                                          max_len=max_len, pad_id=pad_id, batch_size=size,
-                                          buckets=buckets)
+                                          max_len=max_len, pad_id=pad_id, batch_size=local_rows,
+                                          seq_len=width)
     return dict(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
                 response_start=tb.prompt_lens, wrong_valid=tb.wrong_valid,
                 truncated_prompt_tokens=tb.prompt_tokens_truncated)
-
-
-def widen(arrays: dict, width: int, pad_id: int) -> dict:
-    """Right-pad the [C, B, S] teacher rows to `width` columns (every host's block of a global
-    batch needs the same S; padding columns are masked out)."""
-    extra = width - arrays["input_ids"].shape[-1]
-    if extra <= 0:
-        return arrays
-    pad = [(0, 0), (0, 0), (0, extra)]
-    return dict(arrays, input_ids=np.pad(arrays["input_ids"], pad, constant_values=pad_id),
-                attention_mask=np.pad(arrays["attention_mask"], pad))

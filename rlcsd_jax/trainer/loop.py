@@ -14,6 +14,7 @@ runs on global arrays over the whole mesh; metrics are reduced over all processe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -26,7 +27,8 @@ from rlcsd_jax import multihost, sampling
 from rlcsd_jax.data.iterator import BatchIterator
 from rlcsd_jax.data.tokenizer import load_tokenizer
 from rlcsd_jax.trainer import batches as batches_lib
-from rlcsd_jax.trainer import evaluation, programs, rollout, setup, state as state_lib
+from rlcsd_jax.trainer import evaluation, microbatch, programs, rollout, setup
+from rlcsd_jax.trainer import state as state_lib
 from rlcsd_jax.trainer import update as update_lib
 from rlcsd_jax.trainer import warm_start
 
@@ -36,6 +38,16 @@ class Preempted(Exception):
     """`train_step` stopped right after sampling because `should_stop()` said so; nothing was
     updated, so the state is still that of the last completed step (`args[0]` = self.step)."""
 # --- end preemption hook ----------------------------------------------------------------------
+
+
+def _on_mesh(method):
+    """Run a Trainer method with the run's mesh as JAX's context mesh: kernels that must run
+    under shard_map (TPU splash attention) and the LM-head chunking read it while tracing."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 class Trainer:
@@ -116,6 +128,7 @@ class Trainer:
         return fn
 
     # ------------------------------------------------------------------------------------------
+    @_on_mesh
     def train_step(self, records) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -156,59 +169,100 @@ class Trainer:
         return metrics
 
     def _update(self, ro, ctx, times) -> list[dict]:
-        cfg, spec, m = self.cfg, self.spec, self.local_minibatch_rows
-        ids_full, mask_full = batches_lib.full_student_rows(ro)
-        chunks = batches_lib.minibatch_rows(ctx.kept, m)
+        """Old log-probs for every micro-batch, then per mini-batch: teacher scoring and the
+        gradient of each micro-batch, one optimizer step.  Returns one metrics dict per
+        mini-batch."""
+        cfg, spec = self.cfg, self.spec
+        chunks = batches_lib.minibatch_rows(ctx.kept, self.local_minibatch_rows)
         # Every process takes part in every mini-batch; one with fewer survivors adds empty
         # (zero-mask) blocks.  Mini-batch j is the union of the processes' j-th blocks.
         empty = np.zeros(0, np.int64)
         chunks += [empty] * (multihost.global_max(len(chunks)) - len(chunks))
-        lr = np.float32(state_lib.learning_rate(int(jax.device_get(self.state.train_step)),
-                                                cfg.train.lr, cfg.train.warmup_steps))
+        plans, pos = [], 0
+        for rows in chunks:
+            positions = np.arange(pos, pos + len(rows))
+            pos += len(rows)
+            plans.append((rows, positions, self._micro_batches(ro, ctx, rows, positions)))
         t = time.perf_counter()
-        students = []
-        for rows in chunks:   # old / ref log-probs at the weights that sampled (§1.6)
-            sb = self.put(batches_lib.student_batch(ro, rows, m, ids_full, mask_full))
-            sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref,
-                                              sb, spec=spec, with_ref=self.need_ref))
-            students.append(sb)
+        students = []      # old / ref log-probs at the weights that sampled (§1.6)
+        for rows, _, micro in plans:
+            students.append([self._student(ro, rows, mb) for mb in micro])
         jax.block_until_ready(students)
         times["score"] += time.perf_counter() - t
-        k_slots = batches_lib.num_wrong_slots(cfg.method, cfg.teacher.k_max)
-        out, pos, truncated_tokens = [], 0, []
-        for rows, sb in zip(chunks, students):
-            t1 = time.perf_counter()
-            teacher = {}
-            if spec.teacher_mode is not None:
-                tb = batches_lib.teacher_arrays(
-                    ro, ctx, np.arange(pos, pos + len(rows)), rows, m, k_slots=k_slots,
-                    max_len=cfg.train.teacher_max_len, pad_id=self.pad_id,
-                    buckets=self.teacher_buckets)
-                tb = batches_lib.widen(tb, multihost.global_max(tb["input_ids"].shape[-1]),
-                                       self.pad_id)
-                truncated_tokens.append(np.sum(tb.pop("truncated_prompt_tokens")))
-                wrong_valid = self.put(tb.pop("wrong_valid"))
-                tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
-                tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
-                ids = (update_lib.student_topk_ids(self.graphdef, self.state.params, sb, spec=spec)
-                       if cfg.method in ("sdpo", "srpo") else None)
-                teacher = update_lib.teacher_outputs(self.graphdef, tparams, tb, ids, spec)
-                jax.block_until_ready(teacher)
+        out, truncated_tokens = [], []
+        for (rows, positions, micro), sbs in zip(plans, students):
+            lr = np.float32(state_lib.learning_rate(int(jax.device_get(self.state.train_step)),
+                                                    cfg.train.lr, cfg.train.warmup_steps))
+            token_total = np.float32(multihost.global_sum(ro.lengths[rows].sum()))
+            grads = update_lib.zero_grads(self.state.params)
+            per_micro, diagnostics, truncated = [], [], 0
+            for mb, sb in zip(micro, sbs):
+                t1 = time.perf_counter()
+                teacher = {}
+                if spec.teacher_mode is not None:
+                    teacher, n = self._teacher(ro, ctx, rows, positions, mb, sb)
+                    truncated += n
+                    jax.block_until_ready(teacher)
+                t2 = time.perf_counter()
+                grads, mets = update_lib.accumulate_grads(
+                    self.graphdef, self.state.params, grads, sb, teacher, token_total, spec=spec)
+                per_micro.append(dict(jax.device_get(mets)))
+                diagnostics.append(jax.device_get(_student_diagnostics(sb)))
+                times["score"] += t2 - t1
+                times["update"] += time.perf_counter() - t2
             t2 = time.perf_counter()
             nan = int(jax.device_get(self.state.opt_step)) + 1 == cfg.train.inject_nonfinite_grad_at
-            self.state, mets = update_lib.update(self.graphdef, self.state, sb, teacher, lr,
-                                                 np.asarray(nan), spec=spec)
-            mets = jax.device_get(mets)
-            mets.update(jax.device_get(_student_diagnostics(sb)))
+            self.state, applied = update_lib.apply_grads(self.state, grads, lr, np.asarray(nan),
+                                                         spec=spec)
+            mets = update_lib.combine_metrics(per_micro)
+            mets.update(_token_means(diagnostics))
+            mets.update({k: float(v) for k, v in jax.device_get(applied).items()})
+            mets["micro_batches"] = float(len(micro))
             out.append(mets)
-            times["score"] += t2 - t1
+            truncated_tokens.append(truncated)
             times["update"] += time.perf_counter() - t2
-            pos += len(rows)
-        if truncated_tokens:   # one collective per step, not one per mini-batch
+        if spec.teacher_mode is not None:   # one collective per step, not one per mini-batch
             for mets, total in zip(out, multihost.global_sum(truncated_tokens)):
                 mets["teacher_prompt_truncated_tokens"] = float(total)
         return out
 
+    def _micro_batches(self, ro, ctx, rows, positions):
+        s_len, r_len = batches_lib.student_lengths(ro, rows)
+        t_len = None
+        if self.spec.teacher_mode is not None:
+            t_len = batches_lib.teacher_lengths(ctx, positions, r_len,
+                                                max_len=self.cfg.train.teacher_max_len)
+        return microbatch.plan(s_len, t_len, r_len, budget=self.cfg.train.micro_batch_tokens,
+                               devices_per_process=setup.batch_devices_per_process(self.mesh),
+                               buckets=self.teacher_buckets,
+                               split=setup.split_minibatches(self.cfg))
+
+    def _student(self, ro, rows, mb) -> dict:
+        """One micro-batch's student arrays on device, with old (and ref) log-probs."""
+        sb = self.put(batches_lib.student_batch(ro, rows[mb.rows], mb.local_rows,
+                                                mb.student_width, mb.response_width, self.pad_id))
+        sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref, sb,
+                                          spec=self.spec, with_ref=self.need_ref))
+        return sb
+
+    def _teacher(self, ro, ctx, rows, positions, mb, sb):
+        """(teacher outputs of one micro-batch, prompt tokens truncated on the left)."""
+        spec = self.spec
+        tb = batches_lib.teacher_arrays(
+            ro, ctx, positions[mb.rows], rows[mb.rows], mb.local_rows,
+            k_slots=batches_lib.num_wrong_slots(self.cfg.method, self.cfg.teacher.k_max),
+            max_len=self.cfg.train.teacher_max_len, pad_id=self.pad_id, width=mb.teacher_width)
+        truncated = int(np.sum(tb.pop("truncated_prompt_tokens")))
+        wrong_valid = self.put(tb.pop("wrong_valid"))
+        tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
+        tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
+        ids = (update_lib.student_topk_ids(self.graphdef, self.state.params, sb, spec=spec)
+               if self.cfg.method in ("sdpo", "srpo") else None)
+        teacher = update_lib.teacher_outputs(self.graphdef, tparams, tb, ids, spec,
+                                             length=mb.response_width)
+        return teacher, truncated
+
+    @_on_mesh
     def warm_start(self) -> None:
         """Supervised warm start; its weights become the RL start (teacher and KL ref too)."""
         cfg = self.cfg
@@ -228,6 +282,7 @@ class Trainer:
                                           self.need_ref)
 
     # ------------------------------------------------------------------------------------------
+    @_on_mesh
     def evaluate(self) -> dict:
         cfg = self.cfg
         if not self.eval_records:
@@ -245,15 +300,18 @@ class Trainer:
 
 @jax.jit
 def _student_diagnostics(sb: dict) -> dict:
-    """Token means over the (global) mini-batch, computed on device."""
+    """Token sums over the (global) micro-batch, computed on device (`_token_means` divides)."""
     mask = sb["response_mask"].astype(jnp.float32)
-
-    def mean(x):
-        return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     # Sampler vs trainer log-probs of the same tokens at the same weights: should be ~0
     # (fp32) / small (bf16); a large value means a mis-aligned or mismatched forward.
-    return {"entropy": mean(sb["entropy"]),
-            "sampler_logp_abs_diff": mean(jnp.abs(sb["old_logp"] - sb["sampler_logp"]))}
+    return {"entropy": jnp.sum(sb["entropy"] * mask),
+            "sampler_logp_abs_diff": jnp.sum(jnp.abs(sb["old_logp"] - sb["sampler_logp"]) * mask),
+            "tokens": jnp.sum(mask)}
+
+
+def _token_means(sums: list[dict]) -> dict:
+    tokens = max(sum(float(x["tokens"]) for x in sums), 1.0)
+    return {k: sum(float(x[k]) for x in sums) / tokens for k in sums[0] if k != "tokens"}
 
 
 def _global_hint_stats(stats: dict, method: str) -> dict:

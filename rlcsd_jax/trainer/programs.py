@@ -55,6 +55,8 @@ class Program:
     loop_trips: int | None = None
     what: str = ""                       # shape summary for the report
     resident: tuple = ()                 # arrays in HBM during the call that are not arguments
+    typical: "Program | None" = None     # the same program at the mean lengths (time estimate)
+    is_typical: bool = False             # this is such a twin (not a largest shape)
 
     def lower(self):
         return self.fn.lower(*self.args, **self.kwargs)
@@ -141,8 +143,18 @@ def like_outputs(fn, args, kwargs, mesh):
 
 
 @dataclasses.dataclass(frozen=True)
+class MicroShape:
+    """One micro-batch's static shape: global rows, student / teacher / response widths."""
+
+    rows: int
+    student_width: int
+    teacher_width: int
+    response_width: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Shapes:
-    """The worst-case sizes of one training step (global rows, token widths)."""
+    """The sizes of one training step (global rows, token widths): worst case and typical."""
 
     prompts: int            # prompts per step
     group: int              # G
@@ -150,7 +162,13 @@ class Shapes:
     response_len: int       # N, the response cap
     minibatch_rows: int     # M = minibatch prompts x G
     teacher_contexts: int   # C
-    teacher_width: int      # largest teacher bucket
+    student_max: MicroShape   # the largest micro-batch the student programs can see
+    teacher_max: MicroShape   # the largest micro-batch the teacher program can see
+    typical: MicroShape       # a micro-batch at the mean lengths (for the time estimate)
+    typical_micro_batches: int   # micro-batches per mini-batch at the mean lengths
+    mean_student_len: int
+    mean_teacher_len: int
+    mean_response_len: int
     eval_prompts: int
     eval_samples: int
     eval_response_len: int
@@ -160,23 +178,59 @@ class Shapes:
         return self.prompts * self.group // self.minibatch_rows
 
 
-def step_shapes(cfg) -> Shapes:
+def _rows(budget: int, width: int, devices: int) -> int:
+    """Global rows of a micro-batch of width `width` (`microbatch.plan`'s rule)."""
+    return max(1, budget // max(width, 1)) * devices
+
+
+def step_shapes(cfg, batch_devices: int, mean_response_len: int | None = None) -> Shapes:
+    """The step's shapes on a mesh with `batch_devices` devices on ('data', 'fsdp').
+
+    Worst case: prompts at max_prompt_len, responses at the cap, teacher rows at
+    teacher_max_len.  Typical: a quarter of max_prompt_len for the prompt, the mean response
+    length, and for self-rollout teachers a hint as long as a mean response."""
     prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
-    teacher_buckets = tuple(cfg.train.teacher_buckets) or None
+    buckets = tuple(cfg.train.teacher_buckets) or None
     k_slots = batches_lib.num_wrong_slots(cfg.method, cfg.teacher.k_max)
+    has_teacher = setup.teacher_mode(cfg) is not None
+    budget, n = cfg.train.micro_batch_tokens, cfg.rollout.max_new_tokens
+    bucket = lambda x: teacher_batch.bucket_length(x, buckets)  # noqa: E731
+    m = cfg.train.minibatch_prompts * cfg.rollout.group_size
+    split = setup.split_minibatches(cfg)
+
+    # at most the mini-batch, in whole power-of-two rows per device (`microbatch.plan`)
+    most = _pow2(-(-m // batch_devices)) * batch_devices
+
+    def micro(student: int, teacher: int, response: int) -> MicroShape:
+        ws, wt = bucket(student), bucket(teacher) if teacher else 0
+        rows = _rows(budget, max(ws, wt), batch_devices) if split else most
+        return MicroShape(min(rows, most), ws, wt, bucket(response))
+
+    mean_n = mean_response_len or max(n // 2, 1)
+    mean_prompt = max(cfg.data.max_prompt_len // 4, 1)
+    mean_teacher = min(cfg.train.teacher_max_len,
+                       mean_prompt + 2 * mean_n) if has_teacher else 0
+    longest_student = cfg.data.max_prompt_len + n
+    student_max = micro(longest_student, 0, n)
+    teacher_max = micro(longest_student, cfg.train.teacher_max_len if has_teacher else 0, n)
+    typical = micro(mean_prompt + mean_n, mean_teacher, mean_n)
     return Shapes(
         prompts=cfg.rollout.prompts_per_step, group=cfg.rollout.group_size,
         prompt_width=sampling.bucket_length(cfg.data.max_prompt_len, prompt_buckets),
-        response_len=cfg.rollout.max_new_tokens,
-        minibatch_rows=cfg.train.minibatch_prompts * cfg.rollout.group_size,
-        teacher_contexts=1 + k_slots,
-        teacher_width=teacher_batch.bucket_length(cfg.train.teacher_max_len, teacher_buckets),
+        response_len=n, minibatch_rows=m, teacher_contexts=1 + k_slots,
+        student_max=student_max, teacher_max=teacher_max, typical=typical,
+        typical_micro_batches=-(-m // typical.rows), mean_student_len=mean_prompt + mean_n,
+        mean_teacher_len=mean_teacher, mean_response_len=mean_n,
         eval_prompts=cfg.eval.batch_prompts, eval_samples=setup.eval_samples(cfg),
         eval_response_len=cfg.eval.max_new_tokens)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def student_batch_spec(rows: int, width: int, response_len: int, mesh) -> dict:
-    """`batches.student_batch` as abstract arrays (one mini-batch)."""
+    """`batches.student_batch` as abstract arrays (one micro-batch)."""
     b = lambda shape, dtype: batch_array(shape, dtype, mesh)  # noqa: E731
     return dict(input_ids=b((rows, width), jnp.int32), attention_mask=b((rows, width), jnp.int32),
                 response_start=b((rows,), jnp.int32),
@@ -245,15 +299,17 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
           lower_dependent: Callable | None = None, shapes: Shapes | None = None) -> list[Program]:
     """Every program of a training step and of an evaluation, in the order the trainer runs them.
 
+    Scoring and update programs are built at their largest micro-batch (memory); each carries a
+    `typical` twin at the mean lengths whose cost the planner uses for the time estimate.
     lower_dependent(program) -> the abstract outputs of `program` to feed the next one (the
-    planner passes the compiled programs' own output shardings; default: batch-sharded
-    `jax.eval_shape`).  shapes: default `step_shapes(cfg)`, the step's worst case.
+    planner passes the compiled programs' own output shardings; default: `like_outputs`).
+    shapes: default `step_shapes(cfg, ...)`.
     """
     from rlcsd_jax.planner import flops
 
     cfg, mesh, mcfg = rs.cfg, rs.mesh, rs.model_config
-    sh = shapes or step_shapes(cfg)
-    mean_len = mean_response_len or max(sh.response_len // 2, 1)
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    sh = shapes or step_shapes(cfg, devices, mean_response_len)
     spec = setup.step_spec(cfg, sh.response_len)
     need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
     graphdef, params = abstract_params(mcfg, mesh)
@@ -268,56 +324,121 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
                                           cfg.rollout.top_p)
     out += _generate_programs(rs, graphdef, params_c, "rollout", "sample", sh.prompts,
                               sh.prompt_width, sh.group, train_opts, sh.response_len, 1.0,
-                              mean_len, lower_dependent, resident=(state,))
+                              sh.mean_response_len, lower_dependent, resident=(state,))
 
-    m, width, n = sh.minibatch_rows, sh.prompt_width + sh.response_len, sh.response_len
-    sb = student_batch_spec(m, width, n, mesh)
-    student_tokens = m * width
-    out.append(Program(
-        "score/old_logprobs", "score", update_lib.old_logprobs,
-        (graphdef, state.params, state.ref, sb), dict(spec=spec, with_ref=need_ref),
-        sh.minibatches, student_tokens,
-        flops.forward_flops(mcfg, m, width, head_tokens=n) * (2 if need_ref else 1),
-        what=f"{m} rows x {width} tokens", resident=(state.opt_state, state.teacher)))
-    sb = dict(sb, **lower_dependent(out[-1]))
+    minibatches = sh.minibatches
+    calls = minibatches * sh.typical_micro_batches      # micro-batch calls per step
 
-    teacher_out = {}
+    def student_program(name, fn, make_args, kwargs, shape, resident, flop_factor, typical):
+        """A program over student rows of `shape`; typical=True counts the mean lengths as its
+        useful tokens (MFU), else the full rows."""
+        sb = student_batch_spec(shape.rows, shape.student_width, shape.response_width, mesh)
+        seq = sh.mean_student_len if typical else shape.student_width
+        head = sh.mean_response_len if typical else shape.response_width
+        p = Program(
+            name, "score", fn, make_args(sb), kwargs, calls, shape.rows * seq,
+            flop_factor * flops.forward_flops(mcfg, shape.rows, seq, head_tokens=head),
+            what=f"{shape.rows} rows x {shape.student_width} tokens", resident=resident)
+        return p, sb
+
+    def with_typical(make):
+        """(program at the largest micro-batch with its typical twin attached, both batches)."""
+        big, sb_big = make(sh.student_max, typical=False)
+        small, sb_small = make(sh.typical, typical=True)
+        small.is_typical = True
+        big.typical = small
+        return big, sb_big, sb_small
+
+    def old_logprobs(shape, typical):
+        return student_program(
+            "score/old_logprobs", update_lib.old_logprobs,
+            lambda sb: (graphdef, state.params, state.ref, sb),
+            dict(spec=spec, with_ref=need_ref), shape, (state.opt_state, state.teacher),
+            2 if need_ref else 1, typical)
+
+    prog, sb_max, sb_typ = with_typical(old_logprobs)
+    out.append(prog)
+    sb_max = dict(sb_max, **lower_dependent(prog))
+    sb_typ = dict(sb_typ, **lower_dependent(prog.typical))
+
+    teacher_max, teacher_typ = {}, {}
     if spec.teacher_mode is not None:
-        k_slots = sh.teacher_contexts - 1
-        tb = teacher_batch_spec(sh.teacher_contexts, m, sh.teacher_width, k_slots, mesh)
-        tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
-        ids = None
-        if cfg.method in ("sdpo", "srpo"):
-            out.append(Program(
-                "score/student_topk", "score", update_lib.student_topk_ids,
-                (graphdef, state.params, sb), dict(spec=spec), sh.minibatches, student_tokens,
-                flops.forward_flops(mcfg, m, width, head_tokens=n),
-                what=f"{m} rows x {width} tokens",
-                resident=(state.opt_state, state.teacher, state.ref)))
-            ids = lower_dependent(out[-1])
         c = sh.teacher_contexts
-        out.append(Program(
-            "score/teacher", "score", update_lib.teacher_outputs,
-            (graphdef, tparams, tb, ids, spec), {}, sh.minibatches, c * m * sh.teacher_width,
-            flops.forward_flops(mcfg, c * m, sh.teacher_width, head_tokens=n),
-            what=f"{c} contexts x {m} rows x {sh.teacher_width} tokens",
-            resident=(state.opt_state, state.ref,
-                      state.teacher if spec.teacher_mode == "fixed" else state.params)))
-        teacher_out = lower_dependent(out[-1])
+        tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
+        ids_max = ids_typ = None
+        if cfg.method in ("sdpo", "srpo"):
+            def topk(shape, typical):
+                return student_program(
+                    "score/student_topk", update_lib.student_topk_ids,
+                    lambda sb: (graphdef, state.params, sb), dict(spec=spec), shape,
+                    (state.opt_state, state.teacher, state.ref), 1, typical)
+            prog, _, _ = with_typical(topk)
+            # its inputs are the old-logprob batches (same rows): rebuild with them
+            prog.args = (graphdef, state.params, sb_max)
+            prog.typical.args = (graphdef, state.params, sb_typ)
+            out.append(prog)
+            ids_max, ids_typ = lower_dependent(prog), lower_dependent(prog.typical)
 
+        def teacher_program(shape, ids, typical):
+            tb = teacher_batch_spec(c, shape.rows, shape.teacher_width, c - 1, mesh)
+            mean_t = sh.mean_teacher_len if typical else shape.teacher_width
+            head = sh.mean_response_len if typical else shape.response_width
+            return Program(
+                "score/teacher", "score", update_lib.teacher_outputs,
+                (graphdef, tparams, tb, ids, spec), dict(length=shape.response_width), calls,
+                c * shape.rows * mean_t,
+                flops.forward_flops(mcfg, c * shape.rows, mean_t, head_tokens=head),
+                what=f"{c} contexts x {shape.rows} rows x {shape.teacher_width} tokens",
+                resident=(state.opt_state, state.ref,
+                          state.teacher if spec.teacher_mode == "fixed" else state.params))
+
+        big_t = sh.teacher_max
+        big = teacher_program(big_t, _match_rows(ids_max, big_t.rows, mesh), False)
+        big.typical = teacher_program(sh.typical, ids_typ, True)
+        big.typical.is_typical = True
+        out.append(big)
+        teacher_max = lower_dependent(big)
+        teacher_typ = lower_dependent(big.typical)
+        # The largest teacher micro-batch can have fewer rows than the largest student one:
+        # the update's teacher inputs follow the student micro-batch they belong to.
+        teacher_max = _match_rows(teacher_max, sh.student_max.rows, mesh)
+
+    token_total = _sds((), jnp.float32, mesh)
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                        sharding=x.sharding), state.params)
+
+    def grad_program(sb, teacher, shape, typical):
+        real = sh.mean_student_len if typical else shape.student_width
+        head = sh.mean_response_len if typical else shape.response_width
+        return Program(
+            "update/grad", "update", update_lib.accumulate_grads,
+            (graphdef, state.params, grads, sb, teacher, token_total), dict(spec=spec), calls,
+            shape.rows * real, flops.train_flops(mcfg, shape.rows, real, head_tokens=head),
+            what=f"{shape.rows} rows x {shape.student_width} tokens, gradient",
+            resident=(state.opt_state, state.teacher, state.ref))
+
+    big = grad_program(sb_max, teacher_max, sh.student_max, False)
+    big.typical = grad_program(sb_typ, teacher_typ, sh.typical, True)
+    big.typical.is_typical = True
+    out.append(big)
     lr = _sds((), jnp.float32, mesh)
     nan = _sds((), jnp.bool_, mesh)
     out.append(Program(
-        "update", "update", update_lib.update, (graphdef, state, sb, teacher_out, lr, nan),
-        dict(spec=spec), sh.minibatches, student_tokens,
-        flops.train_flops(mcfg, m, width, head_tokens=n),
-        what=f"{m} rows x {width} tokens, gradient + AdamW"))
+        "update/apply", "update", update_lib.apply_grads, (state, grads, lr, nan),
+        dict(spec=spec), minibatches, 0, 0.0, what="clip + AdamW + teacher update"))
 
     eval_opts = sampling.SamplingOptions(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
     out += _generate_programs(rs, graphdef, params_c, "eval", "eval", sh.eval_prompts,
                               sh.prompt_width, sh.eval_samples, eval_opts, sh.eval_response_len,
                               1.0, sh.eval_response_len / 2, lower_dependent, resident=(state,))
     return out
+
+
+def _match_rows(tree, rows: int, mesh):
+    """Abstract arrays whose leading row axis is resized to `rows` (None passes through)."""
+    if tree is None:
+        return None
+    return jax.tree.map(lambda x: batch_array((rows, *x.shape[1:]), x.dtype, mesh), tree)
 
 
 def bytes_of(tree) -> int:

@@ -56,7 +56,9 @@ def step_spec(cfg, response_len: int) -> StepSpec:
         cfg.method].grad_clip
     return StepSpec(
         method=cfg.method, hparams=tuple(sorted(hp.items())), aggregation=aggregation(cfg),
-        response_len=response_len, chunk=cfg.train.score_chunk, top_k=cfg.train.distill_top_k,
+        response_len=response_len, chunk=cfg.train.score_chunk,
+        minibatch_rows=cfg.train.minibatch_prompts * cfg.rollout.group_size,
+        top_k=cfg.train.distill_top_k,
         teacher_mode=teacher_mode(cfg), ema_decay=cfg.teacher.ema_decay,
         sync_interval=cfg.teacher.sync_interval, grad_clip=grad_clip,
         adam=(cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.train.weight_decay),
@@ -159,6 +161,17 @@ def device_memory_limit(cfg, mesh) -> float | None:
     if stats.get("bytes_limit"):
         return float(stats["bytes_limit"])
     return cfg.train.memory_limit_gb * 2**30 or None
+
+
+def split_minibatches(cfg) -> bool:
+    """Whether mini-batches are cut into micro-batches: always, but for a batch-aggregated loss
+    that is not one token-mean (rlcsd, srpo), which needs its whole mini-batch at once."""
+    return aggregation(cfg) == "per_rollout" or losses.METHODS[cfg.method].token_mean_loss
+
+
+def batch_devices_per_process(mesh) -> int:
+    """Devices of the batch mesh axes ('data' x 'fsdp') that one process feeds."""
+    return mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
 
 
 def check_mesh_batch(mesh, rows: int, what: str) -> None:

@@ -1,14 +1,18 @@
 """Jitted device work of a training step: old/ref log-probs, teacher scoring, the update.
 
-Batches are dicts of arrays with a fixed number of rows M (the nominal mini-batch: 16 prompts x
-G rollouts by default); rows that did not survive the hint filter are zero-mask padding, so every
-mini-batch has one shape and, under per-rollout aggregation, the loss is divided by the NOMINAL
-mini-batch size as in the reference (RLCSD_SPEC §4.9).
+The update of one mini-batch runs as micro-batches (`trainer.microbatch`): `accumulate_grads`
+adds each micro-batch's gradient into an fp32 accumulator, `apply_grads` then takes the one
+optimizer step.  Micro-batching does not change the loss: under per-rollout aggregation each
+micro-batch contributes the sum of its rollouts' losses divided by the NOMINAL mini-batch size
+M (as the reference does, RLCSD_SPEC §4.9); under batch aggregation a token-mean loss is
+weighted by the micro-batch's share of the mini-batch's response tokens, and the losses that
+are not a single token-mean (`losses.METHODS[m].token_mean_loss` False) get the whole
+mini-batch in one micro-batch.
 
-Student batch keys: input_ids / attention_mask [M, P+N], response_start [M], response_mask
-[M, N], advantages [M], old_logp [M, N] (filled by `old_logprobs`), sampler_logp [M, N],
-ref_logp [M, N] (when a KL term is on).  Teacher batch: input_ids / attention_mask [C, M, S],
-response_start [C, M], wrong_valid [M, K].
+Student batch keys (R rows of one micro-batch, right padded): input_ids / attention_mask
+[R, S], response_start [R], response_mask [R, T], advantages [R], sampler_logp [R, T], old_logp
+and entropy [R, T] (filled by `old_logprobs`), ref_logp [R, T] (when a KL term is on).  Teacher
+batch: input_ids / attention_mask [C, R, S_t], response_start [C, R], wrong_valid [R, K].
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ class StepSpec:
     method: str
     hparams: tuple                 # sorted (name, value) loss hyper-parameters
     aggregation: str               # "per_rollout" | "batch"
-    response_len: int              # N
-    chunk: int
+    response_len: int              # N, the response cap
+    chunk: int                     # LM-head tokens per device per chunk
+    minibatch_rows: int            # M, the nominal mini-batch (per-rollout loss denominator)
     top_k: int                     # distillation top-k (opsd/sdpo/srpo/opsd_ectr)
     teacher_mode: str | None
     ema_decay: float
@@ -52,10 +57,12 @@ TOPK_METHODS = ("opsd", "sdpo", "srpo", "opsd_ectr")
 
 def student_stats(graphdef, params, batch, spec: StepSpec, *, top_k=0, at_ids=None,
                   entropy=False):
+    """Statistics of the micro-batch's T = response_mask.shape[1] response positions."""
     model = nnx.merge(graphdef, params)
     return scoring.response_stats(model, batch["input_ids"], batch["attention_mask"],
-                                  batch["response_start"], spec.response_len, top_k=top_k,
-                                  at_ids=at_ids, entropy=entropy, chunk=spec.chunk)
+                                  batch["response_start"], batch["response_mask"].shape[1],
+                                  top_k=top_k, at_ids=at_ids, entropy=entropy, chunk=spec.chunk,
+                                  right_padded=True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "with_ref"))
@@ -77,10 +84,12 @@ def student_topk_ids(graphdef, params, batch, *, spec: StepSpec):
     return stats["topk_ids"]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpec) -> dict:
-    """Teacher log-probs for one mini-batch, per method (§3 table).  Stop-gradient, one program."""
-    kw = dict(graphdef=graphdef, length=spec.response_len, chunk=spec.chunk)
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "length"))
+def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpec, *,
+                    length: int) -> dict:
+    """Teacher log-probs of one micro-batch's T = `length` response positions, per method (§3
+    table).  Stop-gradient, one program; the C contexts are scored one after the other."""
+    kw = dict(graphdef=graphdef, length=length, chunk=spec.chunk, right_padded=True)
     ids, mask, start = tbatch["input_ids"], tbatch["attention_mask"], tbatch["response_start"]
     m = spec.method
     if m in ("sdpo", "srpo"):
@@ -113,8 +122,9 @@ def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpe
     raise ValueError(f"method {m!r} has no teacher")
 
 
-def _loss(params, graphdef, batch, teacher, spec: StepSpec):
-    """The method's loss on one mini-batch; returns (loss, metrics)."""
+def _loss(params, graphdef, batch, teacher, token_total, spec: StepSpec):
+    """The method's loss on one micro-batch, scaled so the micro-batches of a mini-batch add up
+    to the mini-batch's loss; returns (loss, metrics with their `_weight`)."""
     m = spec.method
     at_ids = teacher.get("topk_ids") if m in TOPK_METHODS else None
     stats = student_stats(graphdef, params, batch, spec, at_ids=at_ids)
@@ -136,20 +146,59 @@ def _loss(params, graphdef, batch, teacher, spec: StepSpec):
         args["is_weights"] = losses.rollout_is_weights(batch["old_logp"], batch["sampler_logp"],
                                                        mask, mode=mode, threshold=threshold)
     fn = functools.partial(losses.get(m), **hp)
+    tokens = jnp.sum((mask > 0).astype(jnp.float32))
     if spec.aggregation == "per_rollout":
-        return losses.per_rollout(fn)(rollout_denominator=mask.shape[0], **args)
-    return fn(**args)
+        loss, metrics = losses.per_rollout(fn)(rollout_denominator=spec.minibatch_rows, **args)
+        weight = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))   # live rollouts
+    else:
+        loss, metrics = fn(**args)
+        loss = loss * tokens / jnp.maximum(token_total, 1.0)
+        weight = tokens
+    return loss, dict(metrics, _weight=weight)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("state",))
-def update(graphdef, state: state_lib.TrainState, batch, teacher, lr, nan_grad, *,
-           spec: StepSpec):
-    """One optimizer step on a mini-batch.  `nan_grad` (bool) injects a NaN gradient (tests)."""
-    (loss, metrics), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, graphdef, batch, teacher, spec)
+@jax.jit
+def zero_grads(params):
+    """An fp32 gradient accumulator shaped (and sharded) like `params`."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("grads",))
+def accumulate_grads(graphdef, params, grads, batch, teacher, token_total, *, spec: StepSpec):
+    """grads + d(micro-batch loss)/d(params); token_total: the mini-batch's response tokens
+    (the batch-aggregation denominator).  Returns (grads, metrics incl. loss and _weight)."""
+    (loss, metrics), g = jax.value_and_grad(_loss, has_aux=True)(
+        params, graphdef, batch, teacher, token_total, spec)
+    grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+    return grads, dict(metrics, loss=loss)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def apply_grads(state: state_lib.TrainState, grads, lr, nan_grad, *, spec: StepSpec):
+    """The mini-batch's optimizer step from its accumulated gradient (clip, AdamW, skip a
+    non-finite norm, teacher EMA / snapshot).  `nan_grad` (bool) injects a NaN (tests)."""
     grads = jax.tree.map(lambda g: jnp.where(nan_grad, jnp.nan, g), grads)
     state, gnorm = state_lib.apply_update(
         state, grads, spec.tx, lr, teacher_mode=spec.teacher_mode, ema_decay=spec.ema_decay,
         sync_interval=spec.sync_interval)
-    metrics = dict(metrics, loss=loss, grad_norm=gnorm, lr=jnp.asarray(lr, jnp.float32))
-    return state, metrics
+    return state, dict(grad_norm=gnorm, lr=jnp.asarray(lr, jnp.float32))
+
+
+def combine_metrics(per_micro_batch: list[dict]) -> dict:
+    """One mini-batch's metrics from its micro-batches': losses and counts (`*_count`) add up,
+    everything else is a mean weighted by the micro-batch's `_weight` (live rollouts under
+    per-rollout aggregation, response tokens under batch aggregation)."""
+    import numpy as np
+
+    weights = np.asarray([float(m["_weight"]) for m in per_micro_batch])
+    total = max(weights.sum(), 1e-12)
+    out = {}
+    for key in per_micro_batch[0]:
+        if key == "_weight":
+            continue
+        values = np.asarray([float(np.asarray(m[key])) for m in per_micro_batch])
+        if key == "loss" or key.endswith("_count"):
+            out[key] = float(values.sum())
+        else:
+            out[key] = float((values * weights).sum() / total)
+    return out

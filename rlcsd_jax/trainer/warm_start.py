@@ -58,7 +58,8 @@ def encode_examples(records, encoder, tokenizer, eos_id: int, target: str = "sol
 def _sft_step(graphdef, params, opt_state, batch, lr, *, tx, length: int):
     def loss_fn(p):
         stats = scoring.response_stats(nnx.merge(graphdef, p), batch["input_ids"],
-                                       batch["attention_mask"], batch["response_start"], length)
+                                       batch["attention_mask"], batch["response_start"], length,
+                                       right_padded=True)
         mask = batch["response_mask"]
         return -jnp.sum(jnp.where(mask > 0, stats["logp"], 0.0)) / jnp.maximum(mask.sum(), 1)
 

@@ -1,4 +1,10 @@
-"""Jitted KV-cache sampler: one prefill over left-padded prompts, then a `lax.while_loop` decode.
+"""Sampling: the public `generate` API, and the static KV-cache sampler.
+
+`generate` runs on the rollout engine (`rlcsd_jax.inference`, docs/engine.md): continuous
+batching over a paged KV cache, prompt pages shared by a prompt's samples, decode attention over
+live pages, per-request random streams.  The static sampler below (`generate_arrays`,
+`prefill_jit`, `decode_jit`) stays available for the trainer, the planner and benchmarks: one
+prefill over left-padded prompts, then a `lax.while_loop` decode of the whole batch.
 
 Why left padding: every prompt then ends at the same buffer index, so the whole batch decodes
 with one shared cache write offset and a static slice, while per-row *positions* (count of real
@@ -27,24 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlcsd_jax.data.packing import bucket_length
+from rlcsd_jax.data.packing import bucket_length  # noqa: F401 (callers use sampling's)
+from rlcsd_jax.inference import programs as engine_programs
+from rlcsd_jax.inference.engine import generate_batch
+from rlcsd_jax.inference.pages import kv_budget_tokens_for_bytes
+# Token selection lives with the engine; re-exported here (the public names of this module).
+from rlcsd_jax.inference.selection import (  # noqa: F401
+    SamplingOptions, filtered_logits, select_tokens)
 from rlcsd_jax.models.decoder import KVCache
 
 # Prompt widths: `data.packing`'s rule (powers of two, then steps of 2,048 above 8,192).
 DEFAULT_BUCKETS = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable the filters."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling options {self}")
 
 
 @dataclasses.dataclass
@@ -55,50 +54,9 @@ class GenerationOutput:
     logprobs: list[list[float]]   # log p(token) under softmax(logits / T), full vocab, fp32
     truncated: list[bool]         # budget reached without an EOS
     prompt_index: list[int]       # which prompt each sequence continues
-
-
-# ----------------------------------------------------------------------------------------------
-# Token selection
-# ----------------------------------------------------------------------------------------------
-
-
-def filtered_logits(logits: jax.Array, opts: SamplingOptions):
-    """Temperature, then top-k, then top-p on fp32 logits [B, V].
-
-    Returns (candidate logits [B, C] with -inf outside the support, candidate ids [B, C]).
-    With top-k the nucleus is computed inside the k candidates (already sorted by lax.top_k), so
-    no full-vocabulary sort is needed; without top-k the whole vocabulary is sorted.
-    """
-    scaled = logits.astype(jnp.float32) / opts.temperature
-    if opts.top_k > 0:
-        vals, ids = jax.lax.top_k(scaled, min(opts.top_k, scaled.shape[-1]))
-    elif opts.top_p < 1.0:
-        ids = jnp.argsort(-scaled, axis=-1)
-        vals = jnp.take_along_axis(scaled, ids, axis=-1)
-    else:
-        return scaled, None
-    if opts.top_p < 1.0:
-        probs = jax.nn.softmax(vals, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-        vals = jnp.where(mass_before < opts.top_p, vals, -jnp.inf)
-    return vals, ids
-
-
-def select_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions):
-    """logits [B, V] fp32 -> (tokens [B] int32, logprobs [B] fp32 under softmax(logits / T))."""
-    logits = logits.astype(jnp.float32)
-    if opts.temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1)
-        scaled = logits
-    else:
-        vals, ids = filtered_logits(logits, opts)
-        choice = jax.random.categorical(key, vals, axis=-1)
-        tokens = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], -1)[:, 0]
-        scaled = logits / opts.temperature
-    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
-    return tokens.astype(jnp.int32), logprobs
+    # The engine's counters: decode_steps, busy_slot_steps, total_slot_steps, peak_kv_tokens
+    # (and live_kv_tokens_at_peak, decode_calls, prefill_calls, prefill_rows, preemptions).
+    stats: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +162,11 @@ PREFILL_CALLS = {"count": 0, "rows": 0}
 
 
 def compile_counts() -> dict[str, int]:
-    """Number of distinct compiled prefill / decode programs so far (for recompilation checks)."""
-    return {"prefill": prefill_jit._cache_size(), "decode": decode_jit._cache_size()}
+    """Distinct compiled programs so far (recompilation checks): the static sampler's prefill /
+    decode and the engine's (`engine_prefill`, `engine_decode`, `engine_copy`)."""
+    counts = {"prefill": prefill_jit._cache_size(), "decode": decode_jit._cache_size()}
+    counts.update({f"engine_{k}": v for k, v in engine_programs.compile_counts().items()})
+    return counts
 
 
 def generate_arrays(model_or_graphdef, params, input_ids, attention_mask, key, *,
@@ -267,21 +228,38 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_ids: Sequence[int] = (), seed: int = 0, num_samples: int = 1, pad_id: int = 0,
              buckets: Sequence[int] = DEFAULT_BUCKETS, memory_limit_bytes: int | None = None,
-             mesh=None) -> GenerationOutput:
-    """Sample continuations for token-id prompts (see module docstring)."""
+             mesh=None, max_slots: int | None = None, kv_budget_tokens: int | None = None,
+             page_size: int = 32, steps_per_call: int = 16,
+             min_slots: int | None = None) -> GenerationOutput:
+    """Sample continuations for token-id prompts on the rollout engine (`rlcsd_jax.inference`).
+
+    max_slots: rows decoded at once (default: every row, at most 256; a job that fits in one
+    wave keeps all its slots to the end unless min_slots says otherwise); kv_budget_tokens: KV
+    tokens of the page pool (default: derived from memory_limit_bytes per device when given,
+    else enough for every slot at the longest row).  A row that cannot fit the budget alone
+    raises before anything is decoded.  Token j of output row r is drawn with
+    fold_in(fold_in(key(seed), r), j): the same seed gives the same tokens whatever max_slots,
+    page_size or steps_per_call.  Output rows are prompt-major (prompt i's samples at
+    i*num_samples ...); `stats` holds the engine's counters.
+    """
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     options = SamplingOptions(temperature, top_k, top_p)
-    width = bucket_length(max(len(p) for p in prompts), buckets)
-    check_cache_memory(model.config, len(prompts) * num_samples, width + max_new_tokens,
-                       memory_limit_bytes)
-    ids, mask = left_pad(prompts, width, pad_id)
+    rows = len(prompts) * num_samples
+    if kv_budget_tokens is None and memory_limit_bytes is not None:
+        kv_budget_tokens = kv_budget_tokens_for_bytes(model.config, memory_limit_bytes, mesh)
+    max_slots = max_slots or min(rows, 256)
+    if min_slots is None and rows <= max_slots:
+        min_slots = max_slots       # one wave: one decode program beats shrinking for the tail
     graphdef, params = nnx.split(model)
-    out = generate_arrays(graphdef, params, jnp.asarray(ids), jnp.asarray(mask),
-                          jax.random.key(seed), max_new_tokens=max_new_tokens,
-                          num_samples=num_samples, options=options, eos_ids=eos_ids,
-                          pad_id=pad_id, mesh=mesh)
-    out = jax.device_get(out)
+    out = generate_batch(graphdef, params, prompts, num_samples=num_samples, options=options,
+                         max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                         seed_or_key=seed, max_slots=max_slots,
+                         kv_budget_tokens=kv_budget_tokens, page_size=page_size,
+                         steps_per_call=steps_per_call, mesh=mesh, buckets=buckets,
+                         min_slots=min_slots)
+    PREFILL_CALLS["count"] += out["stats"]["prefill_calls"]
+    PREFILL_CALLS["rows"] += out["stats"]["prefill_rows"]
     tokens, logprobs, truncated, index = [], [], [], []
     for row in range(out["tokens"].shape[0]):
         n = int(out["lengths"][row])
@@ -289,4 +267,4 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         logprobs.append(out["logprobs"][row, :n].tolist())
         truncated.append(bool(out["truncated"][row]))
         index.append(row // num_samples)
-    return GenerationOutput(tokens, logprobs, truncated, index)
+    return GenerationOutput(tokens, logprobs, truncated, index, out["stats"])

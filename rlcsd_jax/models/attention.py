@@ -10,6 +10,7 @@ ids (`AttentionInputs`), never by a materialised [B, T, S] mask (`attention_impl
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,24 @@ class LayerCache:
     v: jax.Array
 
 
+@runtime_checkable
+class PagedKV(Protocol):
+    """A paged KV store that one layer writes its new k/v into (the rollout engine's page pool,
+    `rlcsd_jax.inference.paged_kv`).  Passed where a `LayerCache` would go.
+
+    write(k, v): k / v [B, T, KV, D] of this call's tokens -> the store with them written in
+    place.  reads_pages (static): True (decode) means attention runs over the stored pages with
+    `attend(q [B, T, H, D], sliding, window) -> [B, T, H, D]`; False (prefill) means the layer
+    attends over its own k / v with the usual implementation (the prompt is all there is).
+    """
+
+    reads_pages: bool
+
+    def write(self, k: jax.Array, v: jax.Array) -> "PagedKV": ...
+
+    def attend(self, q: jax.Array, sliding, window: int | None) -> jax.Array: ...
+
+
 class Attention(nnx.Module):
     """q/k/v/o kernels: [d, H, D], [d, KV, D], [d, KV, D], [H, D, d]."""
 
@@ -96,7 +115,9 @@ class Attention(nnx.Module):
 
         Without a cache S = T.  With a cache, the new k/v are written at `cache_index` along the
         cache's sequence axis and attention runs over the whole cache (S = S_cache); positions
-        and segment ids tell which slots are visible.  Returns (out [B, T, d], cache or None).
+        and segment ids tell which slots are visible.  A `PagedKV` cache (the rollout engine)
+        gets the new k/v written into its pages and either attends over them (decode) or lets
+        this call attend over its own tokens (prefill).  Returns (out [B, T, d], cache or None).
         """
         q = layers.linear(x, self.q_proj[...], "btd,dhk->bthk")
         k = layers.linear(x, self.k_proj[...], "btd,dhk->bthk")
@@ -104,7 +125,13 @@ class Attention(nnx.Module):
         q, k = self._qk_norm(q, self.q_norm), self._qk_norm(k, self.k_norm)
         q = layers.apply_rope(q, cos, sin, self.rope_in_fp32)
         k = layers.apply_rope(k, cos, sin, self.rope_in_fp32)
-        if cache is not None:
+        paged = isinstance(cache, PagedKV)
+        if paged:
+            cache = cache.write(k, v)
+            if cache.reads_pages:
+                out = cache.attend(q, sliding, self.sliding_window)
+                return layers.linear(out, self.o_proj[...], "bthk,hkd->btd"), cache
+        elif cache is not None:
             k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
                                                         cache_index, axis=1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
@@ -112,10 +139,11 @@ class Attention(nnx.Module):
             cache = LayerCache(k=k_all, v=v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         impl = attention_impls.get(self.attention_impl)
+        own_kv_only = cache is None or paged     # keys are this call's tokens only
 
         def attend(window):
             return impl(q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg, inputs.k_seg,
-                        window=window, right_padded=inputs.right_padded and cache is None)
+                        window=window, right_padded=inputs.right_padded and own_kv_only)
 
         if self.sliding_window is None or sliding is None:
             out = attend(None)

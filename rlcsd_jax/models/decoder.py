@@ -124,6 +124,52 @@ class CausalLM(nnx.Module):
         w = self.lm_head[...].astype(h.dtype)
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
+    def _rope_tables(self, positions):
+        """((cos, sin) of full layers, (cos, sin) of sliding layers or (None, None)), [B, T, D]."""
+        cfg = self.config
+        full = layers.rope_cos_sin(positions, _inv_freq(cfg.rope_full, cfg.head_dim),
+                                   cfg.rope_full.attention_factor)
+        if not cfg.has_sliding_layers:
+            return full, (None, None)
+        return full, layers.rope_cos_sin(positions, _inv_freq(cfg.rope_sliding, cfg.head_dim),
+                                         cfg.rope_sliding.attention_factor)
+
+    def forward_paged(self, input_ids, positions, kv, segment_ids=None):
+        """The rollout engine's forward: tokens [B, T] at `positions` [B, T] with a paged KV store.
+
+        `kv` carries the whole page pool (`kv.pool`, every layer) and returns the view of one
+        layer with `kv.at_layer(pool, layer)`, a `PagedKV` the attention writes into (and, for
+        decode, reads from).  The pool rides in the layer scan's carry, so each layer's writes
+        land in place in the one buffer instead of slicing the pool out and stacking it back
+        (which would copy it every layer).  segment_ids [B, T] (0 = padding, prefill only).
+        Returns (final-normed hidden states [B, T, d], kv with the updated pool).
+        """
+        cfg = self.config
+        positions = positions.astype(jnp.int32)
+        seg = (jnp.ones_like(positions) if segment_ids is None
+               else segment_ids.astype(jnp.int32))
+        inputs = AttentionInputs(positions, positions, seg, seg, right_padded=True)
+        (cos_f, sin_f), (cos_s, sin_s) = self._rope_tables(positions)
+        is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(carry, xs):
+            h, pool = carry
+            state, sliding, index = xs
+            block = nnx.merge(graphdef, state)
+            cos, sin = cos_f, sin_f
+            if cfg.has_sliding_layers:
+                cos = jnp.where(sliding, cos_s, cos_f)
+                sin = jnp.where(sliding, sin_s, sin_f)
+            h, view = block(h, cos, sin, inputs, kv.at_layer(pool, index), None,
+                            sliding if cfg.has_sliding_layers else None)
+            return (h, view.pool), None
+
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
+        xs = (stacked, is_sliding, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        (h, pool), _ = jax.lax.scan(layer, (h, kv.pool), xs)
+        return self.norm(h), dataclasses.replace(kv, pool=pool)
+
     def hidden_states(self, input_ids, attention_mask=None, positions=None,
                       cache: KVCache | None = None, return_all: bool = False, *,
                       segment_ids=None, right_padded: bool = False):
@@ -159,12 +205,7 @@ class CausalLM(nnx.Module):
             k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, q_seg != 0, cache.index, 1)
             inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32))
 
-        cos_f, sin_f = layers.rope_cos_sin(positions, _inv_freq(cfg.rope_full, cfg.head_dim),
-                                           cfg.rope_full.attention_factor)
-        if cfg.has_sliding_layers:
-            cos_s, sin_s = layers.rope_cos_sin(
-                positions, _inv_freq(cfg.rope_sliding, cfg.head_dim),
-                cfg.rope_sliding.attention_factor)
+        (cos_f, sin_f), (cos_s, sin_s) = self._rope_tables(positions)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
 
         graphdef, stacked = nnx.split(self.layers)

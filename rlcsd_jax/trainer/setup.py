@@ -63,7 +63,16 @@ def step_spec(cfg, response_len: int) -> StepSpec:
         sync_interval=cfg.teacher.sync_interval, grad_clip=grad_clip,
         adam=(cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.train.weight_decay),
         rollout_is=((cfg.train.rollout_is_mode, cfg.train.rollout_is_threshold)
-                    if cfg.train.rollout_is else None))
+                    if cfg.train.rollout_is else None),
+        temperature=training_temperature(cfg))
+
+
+def training_temperature(cfg) -> float:
+    """The T of every training log-prob (old, current, reference, teacher): log-softmax of
+    logits / T at the rollout temperature, as the sampler's own log-probs (RLCSD_SPEC §1.3);
+    greedy rollouts (T = 0) are scored at T = 1, as the sampler scores them."""
+    t = float(cfg.rollout.temperature)
+    return t if t > 0 else 1.0
 
 
 def make_mesh(cfg):

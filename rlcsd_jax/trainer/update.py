@@ -45,6 +45,7 @@ class StepSpec:
     grad_clip: float
     adam: tuple                    # (b1, b2, eps, weight_decay)
     rollout_is: tuple | None       # (mode, threshold) or None
+    temperature: float = 1.0       # rollout T: every training log-prob is of logits / T (§1.3)
 
     @property
     def tx(self):
@@ -62,7 +63,7 @@ def student_stats(graphdef, params, batch, spec: StepSpec, *, top_k=0, at_ids=No
     return scoring.response_stats(model, batch["input_ids"], batch["attention_mask"],
                                   batch["response_start"], batch["response_mask"].shape[1],
                                   top_k=top_k, at_ids=at_ids, entropy=entropy, chunk=spec.chunk,
-                                  right_padded=True)
+                                  right_padded=True, temperature=spec.temperature)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "with_ref"))
@@ -89,7 +90,8 @@ def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpe
                     length: int) -> dict:
     """Teacher log-probs of one micro-batch's T = `length` response positions, per method (§3
     table).  Stop-gradient, one program; the C contexts are scored one after the other."""
-    kw = dict(graphdef=graphdef, length=length, chunk=spec.chunk, right_padded=True)
+    kw = dict(graphdef=graphdef, length=length, chunk=spec.chunk, right_padded=True,
+              temperature=spec.temperature)
     ids, mask, start = tbatch["input_ids"], tbatch["attention_mask"], tbatch["response_start"]
     m = spec.method
     if m in ("sdpo", "srpo"):

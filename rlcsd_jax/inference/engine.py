@@ -264,6 +264,9 @@ def generate_batch(graphdef, params, prompts: Sequence[Sequence[int]], *, num_sa
     """
     if not prompts:
         raise ValueError("generate_batch() needs at least one prompt")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must "
+                         "be >= 1")
     key = seed_or_key
     if isinstance(key, (int, np.integer)):
         key = jax.random.key(int(key))

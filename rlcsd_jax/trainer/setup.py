@@ -10,6 +10,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -105,7 +106,20 @@ def build_model(cfg, tokenizer, mesh):
     mcfg = models.get_preset(cfg.model.preset, vocab_size=len(tokenizer), **kw)
     logging.info("random init of %s with vocab %d (%d params)", cfg.model.preset,
                  mcfg.vocab_size, models.num_params(mcfg))
-    return sharding.shard_model(models.build(mcfg, seed=base_seed(cfg)), mesh)
+    return sharding.shard_model(random_init(mcfg, base_seed(cfg)), mesh)
+
+
+def random_init(mcfg, seed: int):
+    """A random init made in float32 and rounded to `mcfg.param_dtype`: a bf16 model is the
+    bf16 copy of the float32 one of the same seed (as a bf16 checkpoint of the same weights)."""
+    import dataclasses
+
+    if jnp.dtype(mcfg.param_dtype) == jnp.float32:
+        return models.build(mcfg, seed=seed)
+    full = nnx.state(models.build(dataclasses.replace(mcfg, param_dtype="float32"), seed=seed))
+    rounded = jax.tree.map(lambda x: x.astype(mcfg.param_dtype)
+                           if jnp.issubdtype(x.dtype, jnp.floating) else x, full)
+    return nnx.merge(nnx.split(models.abstract_model(mcfg))[0], rounded)
 
 
 def base_seed(cfg) -> int:

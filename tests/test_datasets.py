@@ -38,15 +38,15 @@ def _verl_rows():
             "reward_model": {"ground_truth": "12", "style": "rule"},
             "extra_info": {"index": None, "problem": None, "solution": None},
         },
-        {  # a DAPO-style stored prompt
+        {  # the reference's legacy DAPO form (both instruction sentences, then the problem)
             "data_source": "amc23",
             "prompt": [
                 {
                     "role": "user",
                     "content": "Solve the following math problem step by step. The last line of your "
                     "response should be of the form Answer: $Answer (without quotes) where "
-                    "$Answer is the answer to the problem.\n\nCompute 3!.\n\nRemember to put "
-                    'your answer on its own line after "Answer:".',
+                    "$Answer is the answer to the problem.\n\nRemember to put your answer on its "
+                    'own line after "Answer:".\n\nCompute 3!.',
                 }
             ],
             "reward_model": {"ground_truth": "6", "style": "rule"},
@@ -75,8 +75,8 @@ def test_verl_parquet_round_trip(tmp_path):
         (
             2,
             lambda r: (
-                r["extra_info"].update(problem=None),
-                r.update(prompt=[{"role": "assistant", "content": "x"}]),
+                r["extra_info"].update(problem=""),
+                r.update(prompt=[{"role": "user", "content": ""}, {"role": "system"}]),
             ),
             "prompt",
         ),
@@ -91,6 +91,48 @@ def test_verl_parquet_malformed_rows_name_file_row_field(tmp_path, row_number, m
         read_verl_parquet(path)
     message = str(info.value)
     assert path in message and f"row {row_number}" in message and f"'{field}'" in message
+
+
+KK_QUIZ = ("A very special island is inhabited only by knights and knaves. Knights always tell "
+           "the truth, and knaves always lie. You meet 2 inhabitants: Zoey, and Ella. Zoey said "
+           'that "Ella is a knave." Ella said, "Zoey is a knight." So who is a knight and who is '
+           "a knave?")
+
+
+def _row(problem, prompt, source="kk_4to8"):
+    return {"data_source": source, "prompt": prompt,
+            "reward_model": {"ground_truth": "Zoey is a knight, Ella is a knave"},
+            "extra_info": {"index": 0, "problem": problem, "solution": None}}
+
+
+@pytest.mark.parametrize("problem,prompt,expected", [
+    # extra_info.problem is kept as stored (the prompt builders strip it), wrapped or not
+    (f"{KK_QUIZ}\n\n{BOXED}", [{"role": "user", "content": "ignored"}], f"{KK_QUIZ}\n\n{BOXED}"),
+    (KK_QUIZ, [{"role": "user", "content": "ignored"}], KK_QUIZ),
+    # empty or missing: the prompt's text, cleaned
+    ("", [{"role": "user", "content": f"Problem: {KK_QUIZ}\n\n{BOXED}"}], KK_QUIZ),
+    (None, [{"role": "user", "content": f"{KK_QUIZ}\n\n{BOXED}"}], KK_QUIZ),
+    # the user messages' text, joined by newlines (a system message is left out)
+    ("", [{"role": "system", "content": "sys"}, {"role": "user", "content": "Part 1."},
+          {"role": "user", "content": f"Part 2.\n\n{BOXED}"}],
+     "Part 1.\nPart 2."),
+    # no user text: every message's text
+    ("", [{"role": "system", "content": f"Find x.\n\n{BOXED}"}], "Find x."),
+])
+def test_problem_text_and_its_fallback_to_the_prompt(tmp_path, problem, prompt, expected):
+    path = str(tmp_path / "rows.parquet")
+    pq.write_table(pa.Table.from_pylist([_row(problem, prompt)]), path)
+    assert read_verl_parquet(path)[0].problem == expected
+
+
+def test_multimodal_message_text_segments():
+    """Content given as segments (verl's multimodal form): the text segments, space-joined."""
+    from rlcsd_jax.data.readers import verl_row_to_record
+
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Find"},
+                                           {"type": "image", "image": "..."},
+                                           {"type": "text", "text": f"x.\n\n{BOXED}"}]}]
+    assert verl_row_to_record(_row("", prompt), "here", 0).problem == "Find x."
 
 
 FIELD_MAP = {

@@ -189,23 +189,82 @@ def test_template_without_enable_thinking_ignores_it(tok):
     )
 
 
+THINKING = ("Please first think step by step inside <think>...</think> tags, and then put your "
+            "final answer within \\boxed{}.")
+DAPO = ("Solve the following math problem step by step. The last line of your response should be "
+        "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.")
+DAPO_REMINDER = 'Remember to put your answer on its own line after "Answer:".'
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [
         (f"Problem: Find x.\n\n{BOXED}", "Find x."),
         (f"Find x.\n\n{BOXED}", "Find x."),
+        (f"  Problem:  Find x. \n\n{BOXED}\n", "Find x."),
+        (f"Problem: Find x.\n\n{THINKING}", "Find x."),
+        (f"Find x.\n\n{THINKING}", "Find x."),
         ("Problem: Find x.", "Problem: Find x."),  # no instruction: the prefix is part of the text
-        (
-            "Solve the following math problem step by step. The last line of your response should be "
-            "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
-            '\n\nFind x.\n\nRemember to put your answer on its own line after "Answer:".',
-            "Find x.",
-        ),
+        (f"Find x. {BOXED}", f"Find x. {BOXED}"),  # the instruction must follow a blank line
+        (f"{DAPO}\n\n{DAPO_REMINDER}\n\nFind x.", "Find x."),   # the reference's DAPO form
+        # ... only that form: a problem between the two sentences stays as it is (as there)
+        (f"{DAPO}\n\nFind x.\n\n{DAPO_REMINDER}", f"{DAPO}\n\nFind x.\n\n{DAPO_REMINDER}"),
+        # one wrapper is removed per call
+        (f"Problem: Find x.\n\n{BOXED}\n\n{BOXED}", f"Find x.\n\n{BOXED}"),
         ("  Find x.  ", "Find x."),
+        (None, ""),
     ],
 )
 def test_strip_legacy_wrappers(text, expected):
     assert strip_legacy_wrappers(text) == expected
+
+
+KK_QUIZ = ("A very special island is inhabited only by knights and knaves. Knights always tell the "
+           "truth, and knaves always lie. You meet 2 inhabitants: Zoey, and Ella. Zoey said that "
+           '"Ella is a knave." Ella said, "Zoey is a knight." So who is a knight and who is a knave?')
+MATH = "Let $x^2 = 16$ with $x > 0$. Find $x$."
+
+
+@pytest.mark.parametrize("problem", [KK_QUIZ, MATH])
+@pytest.mark.parametrize("form", ["plain", "instruction", "problem_prefix", "twice"])
+@pytest.mark.parametrize("source,train", [("kk_4to8", True), ("kk_9", False),
+                                          ("kk_4to8_test", False),
+                                          ("deepmath_filtered_level6_8", True),
+                                          ("aime24", False)])
+def test_student_message_from_the_cleaned_problem(problem, form, source, train):
+    """RLCSD_SPEC §1.2: the problem text may already carry the instruction (the reference's K&K
+    puzzles do) or a whole stored prompt; the student message states it exactly once."""
+    stored = {"plain": problem, "instruction": f"{problem}\n\n{BOXED}",
+              "problem_prefix": f"Problem: {problem}\n\n{BOXED}",
+              "twice": f"Problem: {problem}\n\n{BOXED}\n\n{BOXED}"}[form]
+    message = student_user_message(stored, source)
+    assert message == (f"Problem: {problem}" if train else problem) + f"\n\n{BOXED}"
+    assert message.count(BOXED) == 1
+
+
+def test_student_prompt_of_a_read_row_states_the_instruction_once(tmp_path, tok):
+    """From a verl row to the rendered prompt: a wrapped extra_info.problem, and an empty one
+    that falls back to the stored prompt."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlcsd_jax.data import read_verl_parquet
+
+    rows = [{"data_source": source, "prompt": [{"role": "user", "content": prompt}],
+             "reward_model": {"ground_truth": "x"},
+             "extra_info": {"index": i, "problem": problem}}
+            for i, (source, problem, prompt) in enumerate([
+                ("kk_4to8", f"{KK_QUIZ}\n\n{BOXED}", f"Problem: {KK_QUIZ}\n\n{BOXED}"),
+                ("kk_9", "", f"{KK_QUIZ}\n\n{BOXED}"),
+                ("deepmath_filtered_level5_7", "", f"Problem: {MATH}\n\n{BOXED}"),
+                ("aime24", f"{MATH}\n\n{BOXED}", "unused")])]
+    path = str(tmp_path / "rows.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    records = read_verl_parquet(path)
+    for record, train in zip(records, (True, False, True, False)):
+        text = student_prompt(tok, record)
+        assert text.count(BOXED) == 1, text
+        assert text.count("Problem: ") == int(train), text
 
 
 def test_long_prompts_are_filtered_with_a_count(tok):

@@ -1,6 +1,7 @@
 """Student and teacher prompts (RLCSD_SPEC §1.2, §2.1), chat rendering, and stop tokens.
 
-Student message (one user turn, no system prompt):
+Student message (one user turn, no system prompt), with ``problem`` cleaned of legacy wrappers
+(``strip_legacy_wrappers``, the reference's rule):
   training sources: ``"Problem: {problem}\\n\\n" + BOXED_INSTRUCTION``
   every other source (eval): ``"{problem}\\n\\n" + BOXED_INSTRUCTION``
 Teacher message (§2.1, always with the "Problem: " prefix): ``teacher_user_message``.
@@ -15,40 +16,53 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from typing import Iterable, Sequence
 
 from rlcsd_jax.data.chat_templates import END_OF_TURN_TOKEN
 from rlcsd_jax.data.records import Record
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-# Training sources get the "Problem: " prefix (fnmatch patterns, compared lower-case).
-DEFAULT_TRAIN_SOURCES = ("deepmath_filtered_level*", "kk_4to8", "kk_3to7")
-
-_DAPO_PREFIX = re.compile(
-    r"^\s*Solve the following math problem step by step\. The last line of your response "
-    r"should be of the form Answer: \$Answer \(without quotes\) where \$Answer is the answer "
-    r"to the problem\.\s*"
-)
-_DAPO_SUFFIX = re.compile(
-    r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$"
-)
+# The reference's other answer instruction (its retired base-model prompt); only stripped.
+THINKING_BOXED_INSTRUCTION = ("Please first think step by step inside <think>...</think> tags, "
+                              "and then put your final answer within \\boxed{}.")
+# The reference's legacy DAPO instruction: its two sentences, as one leading block.
+LEGACY_DAPO_INSTRUCTION = (
+    "Solve the following math problem step by step. The last line of your response should be "
+    "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+    '\n\nRemember to put your answer on its own line after "Answer:".')
+# Training sources get the "Problem: " prefix (fnmatch patterns, compared lower-case): the
+# reference's non-eval sources among those whose prompts it rebuilds (§1.2).
+DEFAULT_TRAIN_SOURCES = ("deepmath_filtered*", "dapo_math_17k", "openthoughts_114k_math_filtered",
+                         "kk_4to8", "kk_3to7")
 _PROBLEM_PREFIX = "Problem: "
 
 
-def strip_legacy_wrappers(text: str) -> str:
-    """Recovers the raw problem from a stored user message (§1.2).
+def strip_legacy_wrappers(text: str | None) -> str:
+    """The raw problem inside a stored prompt or problem text (§1.2), by the reference's rule.
 
-    Removes a DAPO "Answer:" instruction (its leading paragraph and its trailing reminder), a
-    trailing boxed instruction, and — only together with that instruction — a leading
-    "Problem: ".  Surrounding whitespace is stripped.
+    The text is stripped, then the first match wins:
+    1. it starts with ``LEGACY_DAPO_INSTRUCTION + "\\n\\n"``: what follows;
+    2. for each instruction (``BOXED_INSTRUCTION``, then ``THINKING_BOXED_INSTRUCTION``): it
+       starts with "Problem: " and ends with ``"\\n\\n" + instruction``: what lies between;
+       else it ends with ``"\\n\\n" + instruction``: what comes before;
+    3. otherwise the stripped text itself.
+    The result is stripped; None gives "".  A "Problem: " without the instruction stays, and so
+    does the DAPO form that puts the problem between its two sentences (the reference's
+    pattern needs both sentences first).
     """
-    text = _DAPO_SUFFIX.sub("", _DAPO_PREFIX.sub("", text)).strip()
-    if text.endswith(BOXED_INSTRUCTION):
-        text = text[: -len(BOXED_INSTRUCTION)].rstrip()
-        if text.startswith(_PROBLEM_PREFIX):
-            text = text[len(_PROBLEM_PREFIX) :]
-    return text.strip()
+    if text is None:
+        return ""
+    text = str(text).strip()
+    dapo = LEGACY_DAPO_INSTRUCTION + "\n\n"
+    if text.startswith(dapo):
+        return text[len(dapo):].strip()
+    for instruction in (BOXED_INSTRUCTION, THINKING_BOXED_INSTRUCTION):
+        suffix = "\n\n" + instruction
+        if text.startswith(_PROBLEM_PREFIX) and text.endswith(suffix):
+            return text[len(_PROBLEM_PREFIX):-len(suffix)].strip()
+        if text.endswith(suffix):
+            return text[:-len(suffix)].strip()
+    return text
 
 
 def is_train_source(data_source: str, train_sources: Sequence[str] = DEFAULT_TRAIN_SOURCES) -> bool:
@@ -60,7 +74,13 @@ def is_train_source(data_source: str, train_sources: Sequence[str] = DEFAULT_TRA
 def student_user_message(
     problem: str, data_source: str, train_sources: Sequence[str] = DEFAULT_TRAIN_SOURCES
 ) -> str:
-    """The student's user-message content for one problem (§1.2)."""
+    """The student's user-message content for one problem (§1.2).
+
+    ``problem`` is cleaned first (``strip_legacy_wrappers``, applied twice as the reference's
+    prompt builder does), so a problem text that already carries the instruction (the
+    reference's K&K puzzles, a stored "Problem: ..." prompt) gets it once, not twice.
+    """
+    problem = strip_legacy_wrappers(strip_legacy_wrappers(problem))
     body = _PROBLEM_PREFIX + problem if is_train_source(data_source, train_sources) else problem
     return f"{body}\n\n{BOXED_INSTRUCTION}"
 

@@ -70,26 +70,57 @@ def _index(value: Any, default: int, where: str, field: str) -> int | str:
     return value
 
 
-def _user_text(prompt: Any, where: str) -> str:
-    """Text of the (last) user message of a verl chat-list prompt."""
+def _content_text(content: Any) -> str:
+    """A chat message's text: a string, or the text segments of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for segment in content:
+            if isinstance(segment, Mapping):
+                if segment.get("type") == "text":
+                    parts.append(str(segment.get("text", "")))
+                elif "content" in segment:
+                    parts.append(str(segment.get("content", "")))
+            elif segment is not None:
+                parts.append(str(segment))
+        return " ".join(p for p in parts if p)
+    return "" if content is None else str(content)
+
+
+def prompt_problem(prompt: Any, where: str) -> str:
+    """The problem inside a verl chat-list prompt, as the reference recovers it (§1.2): the
+    text of the user messages (of every message when no user message has text), joined by
+    newlines, stripped of its legacy wrappers."""
     if isinstance(prompt, str):
-        return prompt
+        return strip_legacy_wrappers(prompt)
+    if hasattr(prompt, "tolist"):             # numpy arrays of messages (parquet readers)
+        prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise RowError(where, "prompt", "must be a non-empty list of chat messages")
-    for message in reversed(prompt):
-        if isinstance(message, Mapping) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            raise RowError(where, "prompt", "has a user message whose content is not a string")
-    raise RowError(where, "prompt", "has no user message")
+    user, every = [], []
+    for message in prompt:
+        if not isinstance(message, Mapping):
+            continue
+        text = _content_text(message.get("content"))
+        if text:
+            every.append(text)
+            if message.get("role") == "user":
+                user.append(text)
+    if not every:
+        raise RowError(where, "prompt", "has no message with text")
+    return strip_legacy_wrappers("\n".join(user or every).strip())
 
 
 def verl_row_to_record(row: Mapping, where: str, row_number: int) -> Record:
-    """One verl row → Record (problem = extra_info.problem, else the unwrapped user message)."""
+    """One verl row → Record.  problem = ``extra_info.problem`` as stored (the prompt builders
+    strip its wrappers); when it is missing or empty, the problem inside ``prompt``
+    (``prompt_problem``), as the reference falls back."""
     problem = get_path(row, "extra_info.problem")
-    if problem is _MISSING:
-        problem = strip_legacy_wrappers(_user_text(row.get("prompt"), where))
+    if isinstance(problem, (list, tuple)):
+        problem = _content_text(problem)
+    if problem is _MISSING or problem == "" or problem == b"":
+        problem = prompt_problem(row.get("prompt"), where)
     return Record(
         problem=_text(problem, where, "extra_info.problem"),
         ground_truth=_text(

@@ -97,6 +97,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The reference's `ppo_max_token_len_per_gpu` (RLCSD_SPEC §2.4, §5): the token budget of a
+# teacher sequence (prompt + response; the prompt is cut from the left beyond it) and of its
+# micro-batches.  40,960 in every distillation config but Qwen3-4B's Knights & Knaves sdpo and
+# srpo configs (32,768); the grpo configs leave it unset (max prompt + max response).
+REFERENCE_TOKEN_BUDGET = 40960
+REFERENCE_TOKEN_BUDGET_EXCEPTIONS = {("logic", "qwen3-4b", "sdpo"): 32768,
+                                     ("logic", "qwen3-4b", "srpo"): 32768}
+
+
+def reference_token_budget(task: str, preset: str, method: str, *, max_prompt_len: int,
+                           max_response_len: int) -> int:
+    """The reference's token budget for a (task, model preset, method) run (see above)."""
+    if method == "grpo":
+        return max_prompt_len + max_response_len
+    return REFERENCE_TOKEN_BUDGET_EXCEPTIONS.get((task, preset, method), REFERENCE_TOKEN_BUDGET)
+
+
 # Reference data layout (`scripts/download_data.py` of the reference places each file at
 # data/verl/<name>/{train,val}.parquet, RLCSD_SPEC §7).
 MATH_EVAL = "data/verl/amc23+aime24+aime25/val.parquet"
@@ -109,7 +126,8 @@ def reference_config(*, task: str, preset: str, checkpoint: str,
     """A full-size run as the reference ships it: G=8, 64 prompts/step, 16-prompt mini-batches,
     lr 1e-6 with 50 warmup steps, prompts <= 2048, responses <= 16384 (eval 38912), T=1.0,
     top-p 0.95, top-k 20, eval T=0.6, rlcsd tau 0.02 / beta 1 / lam 0.5 / delta 0.02 / eta 1 /
-    clip +-2 / k_max 4, self-rollout hints, snapshot teacher every 10 optimizer steps."""
+    clip +-2 / k_max 4, self-rollout hints, snapshot teacher every 10 optimizer steps, teacher
+    token budget per task and method (40,960; 32,768 for Qwen3-4B K&K sdpo / srpo)."""
     if task not in ("math", "logic"):
         raise ValueError(f"task must be 'math' or 'logic', got {task!r}")
     c = get_base_config()
@@ -122,6 +140,9 @@ def reference_config(*, task: str, preset: str, checkpoint: str,
     # per-chip batch gets too small (see benchmarks/README.md).
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.data.task = task
+    # -1: the reference's teacher budget for this task, model and the run's method
+    # (`reference_token_budget`, resolved once the method is known: setup.check_config).
+    c.train.teacher_max_len = -1
     c.data.train = math_train if task == "math" else LOGIC_TRAIN
     c.data.eval = MATH_EVAL if task == "math" else LOGIC_EVAL
     return c

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlcsd_jax import losses, models, multihost, sharding
+from rlcsd_jax import config_base, losses, models, multihost, sharding
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data import readers
 from rlcsd_jax.data.records import Record
@@ -38,6 +38,50 @@ def check_config(cfg) -> None:
         raise ValueError(f"config.rollout.prompts_per_step={cfg.rollout.prompts_per_step} must "
                          f"be a multiple of config.train.minibatch_prompts="
                          f"{cfg.train.minibatch_prompts}")
+    check_values(cfg)
+    resolve_config(cfg)
+
+
+# Values the reference silently maps (RLCSD_SPEC §4.0, §8; docs/reference_differences.md):
+# here they are errors that name the key.
+def check_values(cfg) -> None:
+    """Hyper-parameters outside their domain: a ValueError naming the key and what the
+    reference would have done with the value instead."""
+    r = cfg.rlcsd
+    for key in ("delta", "eta"):
+        if r[key] < 0:
+            raise ValueError(f"config.rlcsd.{key}={r[key]} must be >= 0 (the reference clamps "
+                             f"it to max({key}, 0) without a word)")
+    if r.residual_clip_low > r.residual_clip_high:
+        raise ValueError(f"config.rlcsd.residual_clip_low={r.residual_clip_low} is above "
+                         f"config.rlcsd.residual_clip_high={r.residual_clip_high} (the reference "
+                         "swaps reversed bounds); give low <= high")
+    if cfg.teacher.k_max < 1:
+        raise ValueError(f"config.teacher.k_max={cfg.teacher.k_max} must be >= 1: the number "
+                         "of wrong hints per rollout (the reference reads 0 as its default 4, "
+                         "and a negative value as 1)")
+    if cfg.rollout.temperature < 0:
+        raise ValueError(f"config.rollout.temperature={cfg.rollout.temperature} must be >= 0 "
+                         "(0: greedy)")
+    if cfg.model.param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"config.model.param_dtype={cfg.model.param_dtype!r}; allowed: "
+                         f"{', '.join(PARAM_DTYPES)}")
+
+
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def resolve_config(cfg) -> None:
+    """Fills, in place, the keys whose default depends on the method (known only once the
+    command line is applied): `train.teacher_max_len` < 0 becomes the reference's budget for
+    the task, model preset and method (`config_base.reference_token_budget`)."""
+    if cfg.train.teacher_max_len < 0:
+        cfg.train.teacher_max_len = config_base.reference_token_budget(
+            cfg.data.task, cfg.model.preset, cfg.method, max_prompt_len=cfg.data.max_prompt_len,
+            max_response_len=cfg.rollout.max_new_tokens)
+        logging.info("train.teacher_max_len = %d (the reference's budget for %s / %s / %s)",
+                     cfg.train.teacher_max_len, cfg.data.task, cfg.model.preset or "-",
+                     cfg.method)
 
 
 def teacher_mode(cfg) -> str | None:

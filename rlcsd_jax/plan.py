@@ -31,18 +31,27 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU slice as gcloud names it: v4-N / v5p-N (N TensorCores, 2 per chip), "
-    "v5e-N / v5litepod-N / v6e-N (N chips). Example: v5p-16 (8 chips).")
-_MEAN_LEN = flags.DEFINE_integer(
-    "mean_response_len", 0, "Mean response length for the step-time estimate (default: half "
-    "the response cap).")
-_JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+
+def _flags(argv: list[str]):
+    """Flags on a private FlagValues: importing this module (the tests do, beside evaluate.py
+    and train.py) never collides with their global --config."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string(
+        "topology", None, "TPU slice as gcloud names it: v4-N / v5p-N (N TensorCores, 2 per "
+        "chip), v5e-N / v5litepod-N / v6e-N (N chips). Example: v5p-16 (8 chips).",
+        flag_values=fv)
+    flags.DEFINE_integer(
+        "mean_response_len", 0, "Mean response length for the step-time estimate (default: "
+        "half the response cap).", flag_values=fv)
+    flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.",
+                        flag_values=fv)
+    return fv
 
 
 def run_setup_for(cfg, mesh):
@@ -94,22 +103,36 @@ def plan(cfg, topology_name: str, mean_response_len: int | None = None):
     return title, table, estimate, measured
 
 
-def main(argv) -> int:
-    del argv
-    cfg = _CONFIG.value
-    if cfg is None or not _TOPOLOGY.value:
-        raise app.UsageError("--config and --topology are required")
-    logging.getLogger().setLevel(logging.INFO)
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: 0 when every program fits, 1 when one does not, 2 on bad usage or a compile
+    error of another kind."""
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = _flags(argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\nflags:\n" + fv.get_help())
+        return 0
+    try:
+        fv(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = fv.config
+    if cfg is None or not fv.topology:
+        print("error: --config and --topology are required (see --help)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from rlcsd_jax.planner import report
 
-    mean_len = _MEAN_LEN.value or max(cfg.rollout.max_new_tokens // 2, 1)
-    title, table, estimate, _ = plan(cfg, _TOPOLOGY.value, mean_len)
+    mean_len = fv.mean_response_len or max(cfg.rollout.max_new_tokens // 2, 1)
+    title, table, estimate, _ = plan(cfg, fv.topology, mean_len)
     print(report.format_table(title, table, estimate, mean_len), flush=True)
-    if _JSON.value:
+    if fv.json:
         import dataclasses
 
-        with open(_JSON.value, "w") as f:
-            json.dump({"title": title, "topology": _TOPOLOGY.value, "mean_response_len": mean_len,
+        with open(fv.json, "w") as f:
+            json.dump({"title": title, "topology": fv.topology, "mean_response_len": mean_len,
                        "programs": [dataclasses.asdict(r) for r in table],
                        "step_seconds": estimate}, f, indent=2)
     if any(r.fits is None for r in table):
@@ -118,4 +141,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    sys.exit(main())

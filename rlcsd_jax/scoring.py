@@ -77,7 +77,16 @@ def response_stats(model, input_ids, attention_mask, response_start, length: int
     """
     h, _ = model.hidden_states(input_ids, attention_mask, right_padded=right_padded)
     h_resp, targets = gather_response(h, input_ids, response_start, length)
-    c = positions_per_chunk(input_ids.shape[0], length, chunk)
+    return head_stats(model, h_resp, targets, temperature=temperature, top_k=top_k,
+                      at_ids=at_ids, entropy=entropy, chunk=chunk)
+
+
+def head_stats(model, h_resp, targets, *, temperature: float = 1.0, top_k: int = 0, at_ids=None,
+               entropy: bool = False, chunk: int = DEFAULT_CHUNK) -> dict:
+    """The LM head's statistics at given predictor states: h_resp [B, T, d] (the state before
+    each target), targets [B, T] -> `response_stats`'s dict, in chunks under `jax.checkpoint`."""
+    length = targets.shape[1]
+    c = positions_per_chunk(targets.shape[0], length, chunk)
     n_chunks = -(-length // c)
     pad = n_chunks * c - length
     if pad:

@@ -147,9 +147,10 @@ def test_peak_memory_does_not_scale_with_full_vocab_logits():
     """V = 151,936 (Qwen3): chunked scoring + its gradient never hold [B, T, V] in fp32: the
     compiled program's temporary memory stays flat when the response length grows 4x, while
     the unchunked program grows by the full fp32 logits."""
+    # Dense attention: at these short lengths blockwise's 512-token tiles would blur the picture.
     cfg = models.from_hf_config(qwen3_config(vocab_size=151936, hidden_size=32,
                                              intermediate_size=32, num_hidden_layers=1,
-                                             head_dim=8).to_dict())
+                                             head_dim=8).to_dict(), attention_impl="xla")
     graphdef, params = nnx.split(models.abstract_model(cfg))
     b = 2
 

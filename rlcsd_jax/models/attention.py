@@ -41,13 +41,15 @@ HF_SHARED_LAYER_NAMES = {
 class AttentionInputs:
     """Who sees whom, shared by every layer: q_pos / q_seg [B, T], k_pos / k_seg [B, S] int32
     (segment 0 = padding).  right_padded (static): rows are [real | padding] with positions
-    0..n-1 and no cache, the layout cuDNN's length masks need."""
+    0..n-1 and no cache, the layout cuDNN's length masks need.  queries_at_end (static): the T
+    queries are the last T of the S keys (a continuation over a cached prefix)."""
 
     q_pos: jax.Array
     k_pos: jax.Array
     q_seg: jax.Array
     k_seg: jax.Array
     right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    queries_at_end: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -143,7 +145,8 @@ class Attention(nnx.Module):
 
         def attend(window):
             return impl(q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg, inputs.k_seg,
-                        window=window, right_padded=inputs.right_padded and own_kv_only)
+                        window=window, right_padded=inputs.right_padded and own_kv_only,
+                        queries_at_end=inputs.queries_at_end)
 
         if self.sliding_window is None or sliding is None:
             out = attend(None)

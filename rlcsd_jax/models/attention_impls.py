@@ -17,11 +17,14 @@ implementation but the `xla` reference builds a [B, T, S] mask.
     cudnn      GPU cuDNN flash attention via `jax.nn.dot_product_attention`: rows must be right
                padded with positions 0..n-1 (the layout of every scoring / training row); any
                other call falls back to blockwise, logged once;
-    auto       splash on TPU, cudnn on GPU, on CPU xla up to `CPU_XLA_MAX_LEN` keys and
-               blockwise above (the crossover measured in benchmarks/RESULTS.md).
+    auto       splash on TPU, cudnn on GPU, blockwise on CPU (on this project's 2-core CPU
+               blockwise is as fast as xla at 128 tokens and 17x faster at 8,192, with 1% of
+               its memory: `python -m benchmarks.attention`, benchmarks/RESULTS.md).
 
 `right_padded=True` is the caller's promise that each row is [real tokens | padding] with
 positions 0..n-1 and no cache (T == S): what cuDNN's sequence-length masking needs.
+`queries_at_end=True` promises that the T queries are the last T of the S keys (a continuation
+over a cached prefix), which lets the index-masked splash kernel serve T < S.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ from rlcsd_jax.models import flash
 # Finite "minus infinity" for masked scores: a fully masked row (a padding query) then gives a
 # uniform, finite softmax instead of NaN, and its output is ignored by the caller.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# On CPU, the dense einsum is faster than blockwise up to this many keys (benchmarks/RESULTS.md).
-CPU_XLA_MAX_LEN = 2048
 
 _logged: set = set()
 
@@ -59,9 +60,10 @@ def visible(q_pos, k_pos, q_seg, k_seg, window: int | None) -> jax.Array:
     return mask
 
 
-def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
+def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                  queries_at_end=False):
     """Dense reference: fp32 scores [B, KV, G, T, S], masked softmax."""
-    del right_padded
+    del right_padded, queries_at_end
     b, t, h, d = q.shape
     kvh = k.shape[2]
     mask = visible(q_pos, k_pos, q_seg, k_seg, window)
@@ -73,23 +75,27 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_pad
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
-    del right_padded
+def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                        queries_at_end=False):
+    del right_padded, queries_at_end
     return flash.blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window)
 
 
-def splash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
+def splash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                     queries_at_end=False):
     from rlcsd_jax.models import splash
 
-    if q.shape[1] != k.shape[1] or not splash.supports(q.shape[1]):
-        _log_once(f"attention: splash needs self-attention over a multiple of 128 tokens "
-                  f"(got T={q.shape[1]}, S={k.shape[1]}); using blockwise for this call")
+    t, s = q.shape[1], k.shape[1]
+    if not ((t == s or queries_at_end) and splash.supports(t, s)):
+        _log_once(f"attention: splash needs self-attention or queries at the end of the keys, "
+                  f"over multiples of 128 tokens (got T={t}, S={s}); using blockwise for this "
+                  "call")
         return blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window)
     return splash.splash_attention(q, k, v, q_seg, k_seg, window=window)
 
 
 def cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                    implementation: str | None = "cudnn"):
+                    queries_at_end=False, implementation: str | None = "cudnn"):
     """cuDNN flash attention for right-padded rows: causal + per-row lengths (+ the window).
 
     `implementation` is `jax.nn.dot_product_attention`'s: tests run the same masking with
@@ -105,7 +111,8 @@ def cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_p
         implementation=implementation)
 
 
-def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
+def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                   queries_at_end=False):
     platform = jax.devices()[0].platform
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.abstract_device is not None:
@@ -115,8 +122,9 @@ def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_pa
     elif platform == "gpu" or platform == "cuda":
         impl = cudnn_attention
     else:
-        impl = xla_attention if k.shape[1] <= CPU_XLA_MAX_LEN else blockwise_attention
-    return impl(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, right_padded=right_padded)
+        impl = blockwise_attention
+    return impl(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, right_padded=right_padded,
+                queries_at_end=queries_at_end)
 
 
 ATTENTION_IMPLS: dict[str, Callable] = {

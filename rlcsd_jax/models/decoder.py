@@ -172,7 +172,8 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None,
                       cache: KVCache | None = None, return_all: bool = False, *,
-                      segment_ids=None, right_padded: bool = False):
+                      segment_ids=None, right_padded: bool = False,
+                      queries_at_end: bool = False):
         """Final-normed hidden states [B, T, d] and the updated cache.
 
         attention_mask [B, T] marks real tokens (any padding side); or segment_ids [B, T] (0 =
@@ -181,8 +182,9 @@ class CausalLM(nnx.Module):
         segment).  right_padded: the caller's promise that rows are [real | padding] with
         positions 0..n-1 (lets cuDNN use length masks).  With a cache, the T new tokens are
         written at `cache.index`; attention sees every valid slot whose position is <= the
-        query's.  return_all=True also returns the residual stream after every layer
-        [L, B, T, d] (for parity debugging).
+        query's; queries_at_end: the caller's promise that they fill the cache's last T slots
+        (a continuation over a cached prefix: lets splash serve it).  return_all=True also
+        returns the residual stream after every layer [L, B, T, d] (for parity debugging).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -203,7 +205,8 @@ class CausalLM(nnx.Module):
         else:
             k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1)
             k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, q_seg != 0, cache.index, 1)
-            inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32))
+            inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32),
+                                     queries_at_end=queries_at_end)
 
         (cos_f, sin_f), (cos_s, sin_s) = self._rope_tables(positions)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])

@@ -187,8 +187,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _block(n: int, preferred: int) -> int:
-    """The block size for a length-n axis: `preferred`, or n rounded up to a multiple of 8."""
-    return preferred if n >= preferred else max(8, -(-n // 8) * 8)
+    """The block size for a length-n axis: at most `preferred`, as even as possible (n split
+    into ceil(n / preferred) blocks, rounded up to a multiple of 8) so padding stays small."""
+    blocks = max(1, -(-n // preferred))
+    return max(8, -(-(-(-n // blocks)) // 8) * 8)
 
 
 def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int | None = None,

@@ -1,7 +1,9 @@
-"""TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) for self-attention.
+"""TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`).
 
-The kernel's mask is static and index based: causal, or local for Olmo-3's sliding layers
-(window W keeps W keys including the current one).  Padding and packed sequences are segment
+For self-attention (T == S), or for T queries that are the LAST T of S keys (a continuation
+scored over a cached prefix: query i sits at key index S - T + i).  The kernel's mask is static
+and index based: causal, or local for Olmo-3's sliding layers (window W keeps W keys including
+the current one), offset by S - T.  Padding and packed sequences are segment
 ids.  That equals the position rule of `attention_impls` whenever positions advance by one per
 token inside a segment, which holds for every row the trainer builds (right-padded scoring rows,
 left-padded prompts).  Grouped-query attention runs natively (the kernel takes fewer k/v heads).
@@ -27,8 +29,8 @@ _BLOCKS = {"TPU v6": 1024, "TPU v5 lite": 1024, "TPU v5": 512, "TPU v4": 512}
 _MIN_BLOCK = 128
 
 
-def supports(length: int) -> bool:
-    return length % _MIN_BLOCK == 0
+def supports(q_len: int, kv_len: int | None = None) -> bool:
+    return q_len % _MIN_BLOCK == 0 and (kv_len or q_len) % _MIN_BLOCK == 0
 
 
 def _platform_and_kind():
@@ -48,46 +50,54 @@ def _block(length: int, kind: str) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(heads: int, length: int, window: int | None, block: int, interpret: bool):
+def _kernel(heads: int, q_len: int, kv_len: int, window: int | None, block_q: int,
+            block_kv: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
 
-    shape = (length, length)
-    one = (mask_lib.CausalMask(shape) if window is None
-           else mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+    shape, offset = (q_len, kv_len), kv_len - q_len
+    one = (mask_lib.CausalMask(shape, offset=offset) if window is None
+           else mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=offset))
     sizes = kernel_lib.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+        block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+        block_kv_dq=block_kv)
     return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), block_sizes=sizes,
                                       head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def block_density(length: int, block: int, window: int | None) -> float:
-    """Fraction of (q block, kv block) tiles the kernel computes for a causal (or local) mask:
-    the kernel skips the empty ones, so this is what its FLOPs scale with."""
-    n = length // block
-    i = np.arange(n)[:, None]
-    j = np.arange(n)[None, :]
-    live = j <= i                                  # some key of block j <= some query of i
+def block_density(q_len: int, block_q: int, window: int | None, kv_len: int | None = None,
+                  block_kv: int | None = None) -> float:
+    """Fraction of (q block, kv block) tiles the kernel computes for a causal (or local) mask,
+    queries at the end of the keys: the kernel skips the empty tiles, so this is what its FLOPs
+    scale with."""
+    kv_len, block_kv = kv_len or q_len, block_kv or block_q
+    offset = kv_len - q_len
+    first_q = np.arange(q_len // block_q)[:, None] * block_q + offset     # key index of a tile's
+    last_q = first_q + block_q - 1                                         # first / last query
+    first_k = np.arange(kv_len // block_kv)[None, :] * block_kv
+    last_k = first_k + block_kv - 1
+    live = first_k <= last_q                       # some key at or before some query
     if window is not None:                         # ... and inside the window of some query
-        live &= (j + 1) * block - 1 > i * block - window
-    return float(live.sum()) / (n * n)
+        live &= last_k > first_q - window
+    return float(live.sum()) / live.size
 
 
 # The planner prices the kernel from this scope name (XLA's cost analysis cannot see inside a
 # Pallas call): local batch, heads, kv heads, length, head dim, tile density.
-SCOPE = "splash_b{b}_h{h}_kv{kv}_t{t}_d{d}_density{density:.6f}"
+SCOPE = "splash_b{b}_h{h}_kv{kv}_t{t}_s{s}_d{d}_density{density:.6f}"
 
 
 def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
-    """q [B, T, H, D], k / v [B, T, KV, D], segment ids [B, T] -> [B, T, H, D]."""
+    """q [B, T, H, D], k / v [B, S, KV, D] (S >= T, queries the last T keys), segment ids
+    [B, T] / [B, S] -> [B, T, H, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
         SegmentIds)
 
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    s, kvh = k.shape[1], k.shape[2]
     platform, kind = _platform_and_kind()
-    block = _block(t, kind)
+    block_q, block_kv = _block(t, kind), _block(s, kind)
     interpret = platform != "tpu"
     # [B, heads, T, D]; the kernel does not scale the scores.
     qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
@@ -99,9 +109,9 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
     head_axis = "tensor" if tensor > 1 and h % tensor == 0 and kvh % tensor == 0 else None
 
     def local(qt, kt, vt, qs, ks):
-        kernel = _kernel(qt.shape[1], t, window, block, interpret)
-        scope = SCOPE.format(b=qt.shape[0], h=qt.shape[1], kv=kt.shape[1], t=t, d=d,
-                             density=block_density(t, block, window))
+        kernel = _kernel(qt.shape[1], t, s, window, block_q, block_kv, interpret)
+        scope = SCOPE.format(b=qt.shape[0], h=qt.shape[1], kv=kt.shape[1], t=t, s=s, d=d,
+                             density=block_density(t, block_q, window, s, block_kv))
         with jax.named_scope(scope):
             return jax.vmap(lambda q_, k_, v_, s1, s2: kernel(q_, k_, v_, SegmentIds(s1, s2)))(
                 qt, kt, vt, qs, ks)

@@ -47,6 +47,16 @@ def get_base_config() -> ml_collections.ConfigDict:
         prompt_buckets=(),                  # prompt length buckets; () = data.packing's rule
         permute_rewards=False))             # control run: rewards shuffled across each step
 
+    # Rollout engine (rlcsd_jax.inference, docs/engine.md): rollouts and evaluation decode
+    # max_slots rows at once (over the whole mesh) from a paged KV pool, refilling slots as rows
+    # end.  kv_budget_tokens: pool size in tokens over all devices; 0 = kv_memory_fraction of
+    # each device's free memory when sampling starts (TPU / GPU), or enough for every slot at
+    # the longest row where the backend reports no limit (CPU).  enabled=False: the static
+    # sampler (every row decodes until the longest ends; small jobs and comparisons only).
+    c.engine = ml_collections.ConfigDict(dict(
+        enabled=True, max_slots=512, page_size=32, steps_per_call=16, kv_budget_tokens=0,
+        kv_memory_fraction=0.8))
+
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
     c.train = ml_collections.ConfigDict(dict(
         num_steps=500, minibatch_prompts=16, lr=1e-6, warmup_steps=50, weight_decay=0.01,
@@ -57,6 +67,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         # this many tokens per device (like the reference's ppo_max_token_len_per_gpu; a longer
         # row runs alone), and the LM head runs on chunks of score_chunk tokens per device.
         micro_batch_tokens=40960, score_chunk=4096, distill_top_k=100,
+        # Scoring runs each distinct prefix once: a teacher prompt + hint shared by a group's
+        # contexts, a student prompt shared by its G rollouts (False: every row scored whole).
+        share_teacher_prefixes=True,
         teacher_max_len=40960,              # token budget of a teacher sequence (§2.4)
         teacher_buckets=(),                 # scoring row buckets; () = data.packing's rule
         rollout_is=False, rollout_is_mode="token", rollout_is_threshold=2.0,  # §10.1, off

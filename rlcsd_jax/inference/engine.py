@@ -37,7 +37,8 @@ class EngineConfig:
     max_slots: decode rows (a multiple of the mesh's batch shards; rounded up).
     page_size, steps_per_call: tokens per page; decode steps per device call.
     kv_budget_tokens: KV tokens the pool holds over all shards (`pages.kv_budget_tokens_for_bytes`
-      derives it from memory); None = enough for every slot at the longest possible row.
+      derives it from memory), capped at (and None =) enough for every slot at the longest
+      possible row.
     min_slots: smallest decode slot bucket once nothing waits (None: max_slots // 4).
     prefill_rows: most prompts prefilled per shard per round (None: slots per shard).
     refill_fraction: a call returns early once this fraction of its slots finished while
@@ -139,10 +140,11 @@ class Engine:
         widest = self.prompt_width = bucket_length(max(len(p) for p in self.prompts), buckets)
         max_pages = -(-(widest + max_new_tokens - 1) // ps)
         per_shard = max_slots // shards
-        if c.kv_budget_tokens is None:
-            pages_per_shard = per_shard * (max_pages + 1)
-        else:
-            pages_per_shard = pages.pages_per_shard(c.kv_budget_tokens, ps, shards)
+        # Never more than every slot can hold at the longest row (+ a shared partial page).
+        pages_per_shard = per_shard * (max_pages + 1)
+        if c.kv_budget_tokens is not None:
+            pages_per_shard = min(pages_per_shard,
+                                  pages.pages_per_shard(c.kv_budget_tokens, ps, shards))
         check_prompts(self.prompts, max_new_tokens, ps, pages_per_shard, shards, num_samples)
         with _mesh_context(mesh):
             attention = paged_attention.resolve(c.attention)

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlcsd_jax import hints as hints_lib
-from rlcsd_jax import multihost, sampling
+from rlcsd_jax import inference, multihost, sampling
 from rlcsd_jax.data.iterator import BatchIterator
 from rlcsd_jax.data.tokenizer import load_tokenizer
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import evaluation, microbatch, programs, rollout, setup
+from rlcsd_jax.trainer import shared_passes, shared_scoring
 from rlcsd_jax.trainer import state as state_lib
 from rlcsd_jax.trainer import update as update_lib
 from rlcsd_jax.trainer import warm_start
@@ -80,6 +81,7 @@ class Trainer:
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
         self.step = 0                 # training steps attempted (data / RNG position)
+        self.engine_stats = None      # the rollout engine's counters of its latest job
         self.prompt_buckets = tuple(cfg.rollout.prompt_buckets) or sampling.DEFAULT_BUCKETS
         self.teacher_buckets = tuple(cfg.train.teacher_buckets) or None
         if cfg.train.check_memory:
@@ -115,17 +117,32 @@ class Trainer:
                             else x, self.state.params)
 
     def generate_fn(self, options: sampling.SamplingOptions, max_new_tokens: int):
+        """fn(ids, mask, key, num_samples): this process's left-padded prompts [P_local, Pb] ->
+        its rows of the samples (host arrays), on the rollout engine (`cfg.engine`) or the
+        static sampler.  The engine's counters of the latest call are in `self.engine_stats`."""
         params = self.sampling_params()
+        cfg = self.cfg
 
-        def fn(ids, mask, key, num_samples):
-            """This process's prompts [P_local, Pb] -> its rows of the samples (host arrays)."""
+        def static(ids, mask, key, num_samples):
             ids, mask = self.put((ids, mask))
             out = sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
                 num_samples=num_samples, options=options, eos_ids=self.eos_ids,
                 pad_id=self.pad_id, mesh=self.mesh)
             return multihost.to_host_local(out, self.mesh)
-        return fn
+
+        def engine(ids, mask, key, num_samples):
+            prompts = [row[m > 0].tolist() for row, m in zip(np.asarray(ids), np.asarray(mask))]
+            rows = int(multihost.global_sum(len(prompts))) * num_samples
+            kw = setup.engine_options(cfg, self.model_config, self.mesh,
+                                      setup.free_device_memory(self.mesh), rows)
+            out = inference.generate_batch(
+                self.graphdef, params, prompts, num_samples=num_samples, options=options,
+                max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                seed_or_key=key, mesh=self.mesh, buckets=self.prompt_buckets, **kw)
+            self.engine_stats = out.pop("stats")
+            return out
+        return engine if cfg.engine.enabled else static
 
     # ------------------------------------------------------------------------------------------
     @_on_mesh
@@ -142,6 +159,7 @@ class Trainer:
         if cfg.rollout.permute_rewards:     # control: the same loop with uninformative rewards
             ro = rollout.permute_rewards(ro, setup.reward_permutation_rng(cfg.seed, self.step))
         t_sample = time.perf_counter()
+        engine_stats, self.engine_stats = self.engine_stats, None
         if self.should_stop is not None and self.should_stop():   # preemption hook (issue 21)
             raise Preempted(self.step)
         rngs = setup.group_rngs(cfg.seed, self.step, jax.process_index() * len(records),
@@ -158,6 +176,8 @@ class Trainer:
         else:
             logging.info("step %d: every rollout was dropped; no update", self.step)
         metrics.update(evaluation.mean_metrics(loss_metrics))
+        if engine_stats:
+            metrics.update(engine_metrics(engine_stats))
         tokens = int(multihost.global_sum(ro.lengths.sum()))
         total = time.perf_counter() - t0
         metrics.update({"time/sample": t_sample - t0, "time/score": times["score"],
@@ -169,10 +189,14 @@ class Trainer:
         return metrics
 
     def _update(self, ro, ctx, times) -> list[dict]:
-        """Old log-probs for every micro-batch, then per mini-batch: teacher scoring and the
-        gradient of each micro-batch, one optimizer step.  Returns one metrics dict per
-        mini-batch."""
+        """Old log-probs of every rollout, then per mini-batch: teacher scoring and the gradient
+        of each micro-batch, one optimizer step.  Returns one metrics dict per mini-batch.
+
+        With `train.share_teacher_prefixes` the student and teacher scoring run each distinct
+        prefix once (`shared_passes`) and hand the update host arrays; otherwise each
+        micro-batch's full rows are scored on device."""
         cfg, spec = self.cfg, self.spec
+        share = cfg.train.share_teacher_prefixes
         chunks = batches_lib.minibatch_rows(ctx.kept, self.local_minibatch_rows)
         # Every process takes part in every mini-batch; one with fewer survivors adds empty
         # (zero-mask) blocks.  Mini-batch j is the union of the processes' j-th blocks.
@@ -184,9 +208,16 @@ class Trainer:
             pos += len(rows)
             plans.append((rows, positions, self._micro_batches(ro, ctx, rows, positions)))
         t = time.perf_counter()
+        counters = dict.fromkeys(("student/tokens_computed", "student/tokens_useful",
+                                  "teacher/tokens_computed", "teacher/tokens_useful"), 0.0)
+        old = self._shared_old_logprobs(ro, ctx.kept, counters) if share else None
+        if not share:       # useful tokens as the shared pass counts them: each prompt once
+            counters["student/tokens_useful"] += (1 + self.need_ref) * shared_scoring.useful_tokens(
+                shared_scoring.student_rows(ro, ctx.kept, batches_lib.prompt_ids))
         students = []      # old / ref log-probs at the weights that sampled (§1.6)
-        for rows, _, micro in plans:
-            students.append([self._student(ro, rows, mb) for mb in micro])
+        for rows, positions, micro in plans:
+            students.append([self._student(ro, rows, positions, mb, old, counters)
+                             for mb in micro])
         jax.block_until_ready(students)
         times["score"] += time.perf_counter() - t
         out, truncated_tokens = [], []
@@ -194,13 +225,26 @@ class Trainer:
             lr = np.float32(state_lib.learning_rate(int(jax.device_get(self.state.train_step)),
                                                     cfg.train.lr, cfg.train.warmup_steps))
             token_total = np.float32(multihost.global_sum(ro.lengths[rows].sum()))
+            t1 = time.perf_counter()
+            shared_teacher, truncated = None, 0
+            if share and spec.teacher_mode is not None:
+                shared_teacher, truncated = self._shared_teacher(ro, ctx, rows, positions,
+                                                                 counters)
+            times["score"] += time.perf_counter() - t1
             grads = update_lib.zero_grads(self.state.params)
-            per_micro, diagnostics, truncated = [], [], 0
+            per_micro, diagnostics = [], []
             for mb, sb in zip(micro, sbs):
                 t1 = time.perf_counter()
                 teacher = {}
-                if spec.teacher_mode is not None:
-                    teacher, n = self._teacher(ro, ctx, rows, positions, mb, sb)
+                if shared_teacher is not None:
+                    teacher = self.put(shared_passes.micro_batch_slice(
+                        shared_teacher, mb.rows, mb.local_rows, mb.response_width))
+                elif spec.teacher_mode is not None:
+                    if mb is micro[0]:      # each distinct prefix once per mini-batch
+                        counters["teacher/tokens_useful"] += shared_scoring.useful_tokens(
+                            shared_scoring.teacher_rows(ro, ctx, rows, positions,
+                                                        max_len=cfg.train.teacher_max_len))
+                    teacher, n = self._teacher(ro, ctx, rows, positions, mb, sb, counters)
                     truncated += n
                     jax.block_until_ready(teacher)
                 t2 = time.perf_counter()
@@ -221,15 +265,19 @@ class Trainer:
             out.append(mets)
             truncated_tokens.append(truncated)
             times["update"] += time.perf_counter() - t2
-        if spec.teacher_mode is not None:   # one collective per step, not one per mini-batch
-            for mets, total in zip(out, multihost.global_sum(truncated_tokens)):
+        keys = sorted(counters)         # one collective per step, not one per mini-batch
+        totals = multihost.global_sum(np.asarray([counters[k] for k in keys] + truncated_tokens))
+        for mets in out:
+            mets.update({k: float(v) for k, v in zip(keys, totals[:len(keys)])})
+        if spec.teacher_mode is not None:
+            for mets, total in zip(out, totals[len(keys):]):
                 mets["teacher_prompt_truncated_tokens"] = float(total)
         return out
 
     def _micro_batches(self, ro, ctx, rows, positions):
         s_len, r_len = batches_lib.student_lengths(ro, rows)
         t_len = None
-        if self.spec.teacher_mode is not None:
+        if self.spec.teacher_mode is not None and not self.cfg.train.share_teacher_prefixes:
             t_len = batches_lib.teacher_lengths(ctx, positions, r_len,
                                                 max_len=self.cfg.train.teacher_max_len)
         return microbatch.plan(s_len, t_len, r_len, budget=self.cfg.train.micro_batch_tokens,
@@ -237,22 +285,59 @@ class Trainer:
                                buckets=self.teacher_buckets,
                                split=setup.split_minibatches(self.cfg))
 
-    def _student(self, ro, rows, mb) -> dict:
-        """One micro-batch's student arrays on device, with old (and ref) log-probs."""
-        sb = self.put(batches_lib.student_batch(ro, rows[mb.rows], mb.local_rows,
-                                                mb.student_width, mb.response_width, self.pad_id))
+    def _shared_old_logprobs(self, ro, kept, counters) -> dict:
+        """Old (and ref) log-probs and entropies of every kept rollout, each prompt once."""
+        width = ro.tokens.shape[1]
+        out, c = shared_passes.student_pass(self, ro, kept, self.state.params, width=width,
+                                            entropy=True)
+        arrays = {"old_logp": out["logp"], "entropy": out["entropy"]}
+        if self.need_ref:
+            ref, _ = shared_passes.student_pass(self, ro, kept, self.state.ref, width=width)
+            arrays["ref_logp"] = ref["logp"]
+        counters["student/tokens_computed"] += c["tokens_computed"] * (1 + self.need_ref)
+        counters["student/tokens_useful"] += c["tokens_useful"] * (1 + self.need_ref)
+        return arrays
+
+    def _shared_teacher(self, ro, ctx, rows, positions, counters):
+        """(per-rollout teacher outputs of a mini-batch, prompt tokens truncated on the left)."""
+        spec, width = self.spec, ro.tokens.shape[1]
+        student_ids = None
+        if self.cfg.method in ("sdpo", "srpo"):     # the live student's own top-k (§3)
+            ids, _ = shared_passes.student_pass(self, ro, rows, self.state.params, width=width,
+                                                top_k=spec.top_k)
+            student_ids = ids["topk_ids"]
+        tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
+        arrays, c, truncated = shared_passes.teacher_pass(
+            self, ro, ctx, rows, positions, tparams, width=width, student_ids=student_ids)
+        counters["teacher/tokens_computed"] += c["tokens_computed"]
+        counters["teacher/tokens_useful"] += c["tokens_useful"]
+        return arrays, truncated
+
+    def _student(self, ro, rows, positions, mb, old, counters) -> dict:
+        """One micro-batch's student arrays on device, with old (and ref) log-probs: computed
+        here from its full rows, or sliced from the shared pass's arrays `old`."""
+        sb = batches_lib.student_batch(ro, rows[mb.rows], mb.local_rows, mb.student_width,
+                                       mb.response_width, self.pad_id)
+        if old is not None:
+            sb.update(shared_passes.micro_batch_slice(old, positions[mb.rows], mb.local_rows,
+                                                      mb.response_width))
+            return self.put(sb)
+        sb = self.put(sb)
         sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref, sb,
                                           spec=self.spec, with_ref=self.need_ref))
+        counters["student/tokens_computed"] += (mb.local_rows * mb.student_width
+                                                * (1 + self.need_ref))
         return sb
 
-    def _teacher(self, ro, ctx, rows, positions, mb, sb):
-        """(teacher outputs of one micro-batch, prompt tokens truncated on the left)."""
+    def _teacher(self, ro, ctx, rows, positions, mb, sb, counters):
+        """(teacher outputs of one micro-batch from its full rows, prompt tokens truncated)."""
         spec = self.spec
+        k_slots = batches_lib.num_wrong_slots(self.cfg.method, self.cfg.teacher.k_max)
         tb = batches_lib.teacher_arrays(
-            ro, ctx, positions[mb.rows], rows[mb.rows], mb.local_rows,
-            k_slots=batches_lib.num_wrong_slots(self.cfg.method, self.cfg.teacher.k_max),
+            ro, ctx, positions[mb.rows], rows[mb.rows], mb.local_rows, k_slots=k_slots,
             max_len=self.cfg.train.teacher_max_len, pad_id=self.pad_id, width=mb.teacher_width)
         truncated = int(np.sum(tb.pop("truncated_prompt_tokens")))
+        counters["teacher/tokens_computed"] += tb["input_ids"].size
         wrong_valid = self.put(tb.pop("wrong_valid"))
         tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
         tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
@@ -292,10 +377,26 @@ class Trainer:
         if cfg.eval.max_examples > 0:
             records = records[:cfg.eval.max_examples]
         fn = self.generate_fn(options, cfg.eval.max_new_tokens)
-        return evaluation.evaluate(fn, self.tokenizer, self.encoder, records,
-                                   batch_prompts=cfg.eval.batch_prompts,
-                                   num_samples=setup.eval_samples(cfg), seed=cfg.seed + 7919,
-                                   pad_id=self.pad_id, buckets=self.prompt_buckets)
+        # The engine takes every problem in one job (its slots bound the memory, and a long
+        # row no longer holds up a chunk); the static sampler goes eval.batch_prompts at a time.
+        batch = len(records) if cfg.engine.enabled else cfg.eval.batch_prompts
+        out = evaluation.evaluate(fn, self.tokenizer, self.encoder, records,
+                                  batch_prompts=batch, num_samples=setup.eval_samples(cfg),
+                                  seed=cfg.seed + 7919, pad_id=self.pad_id,
+                                  buckets=self.prompt_buckets)
+        if self.engine_stats:
+            out.update({f"eval/{k}": v for k, v in engine_metrics(self.engine_stats).items()})
+            self.engine_stats = None
+        return out
+
+
+def engine_metrics(stats: dict) -> dict:
+    """The rollout engine's counters of one generation job as step metrics: busy_slot_fraction
+    = useful slot-steps / slot-steps decoded (1.0 = no slot idled while others worked)."""
+    out = {f"engine/{k}": float(v) for k, v in stats.items()}
+    out["engine/busy_slot_fraction"] = (float(stats["busy_slot_steps"])
+                                        / max(float(stats["total_slot_steps"]), 1.0))
+    return out
 
 
 @jax.jit

@@ -230,6 +230,41 @@ def device_memory_limit(cfg, mesh) -> float | None:
     return cfg.train.memory_limit_gb * 2**30 or None
 
 
+def free_device_memory(mesh) -> float | None:
+    """Bytes a device of `mesh` has free now (its limit minus what is in use), or None where
+    the backend reports no limit (CPU)."""
+    try:
+        stats = mesh.devices.flat[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics (CPU)
+        stats = {}
+    if not stats.get("bytes_limit"):
+        return None
+    return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def engine_options(cfg, model_config, mesh, free_bytes_per_device: float | None,
+                   rows: int) -> dict:
+    """`inference.generate_batch` keywords for a job of `rows` output rows (`cfg.engine`).
+
+    free_bytes_per_device: memory a device has left for the page pool (the backend's limit
+    minus what is in use; None where it reports none).  Slots: engine.max_slots, at most the
+    rows rounded up to the batch shards; a job that fits in one wave keeps its slots to the
+    end (one decode program).  The pool holds engine.kv_budget_tokens, or kv_memory_fraction
+    of the free memory, or (neither known) every slot at the longest row."""
+    from rlcsd_jax.inference import kv_budget_tokens_for_bytes
+
+    e = cfg.engine
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"]) if mesh is not None else 1
+    slots = min(int(e.max_slots), -(-int(rows) // shards) * shards)
+    budget = int(e.kv_budget_tokens) or None
+    if budget is None and free_bytes_per_device:
+        budget = kv_budget_tokens_for_bytes(model_config, e.kv_memory_fraction
+                                            * free_bytes_per_device, mesh)
+    return dict(max_slots=slots, min_slots=slots if rows <= slots else None,
+                page_size=int(e.page_size), steps_per_call=int(e.steps_per_call),
+                kv_budget_tokens=budget)
+
+
 def split_minibatches(cfg) -> bool:
     """Whether mini-batches are cut into micro-batches: always, but for a batch-aggregated loss
     that is not one token-mean (rlcsd, srpo), which needs its whole mini-batch at once."""

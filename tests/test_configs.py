@@ -43,7 +43,8 @@ def test_every_method_resolves(method):
     cfg = load("qwen3_1p7b")
     cfg.method = method
     spec = setup.step_spec(cfg, response_len=16)
-    assert spec.aggregation == ("batch" if method == "grpo" else "per_rollout")
+    assert spec.aggregation == {"grpo": "batch", "sdpo": "reference_micro_batch",
+                                "srpo": "reference_micro_batch"}.get(method, "per_rollout")
     assert spec.grad_clip == (0.1 if method in ("opsd", "opsd_ectr") else 1.0)
     assert spec.teacher_mode == {"grpo": None, "opsd": "fixed", "opsd_ectr": "fixed",
                                  "sdpo": "ema", "srpo": "ema"}.get(method, "snapshot")

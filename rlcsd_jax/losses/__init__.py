@@ -7,6 +7,7 @@ Usage::
         logp=lp, old_logp=old, advantages=adv, mask=mask,
         teacher_correct_logp=tc, teacher_wrong_logp=tw, wrong_valid=valid)   # §4.0 defaults
     loss, metrics = losses.per_rollout(losses.get("rlcsd"))(...)           # §4.9 aggregation
+    loss, metrics = losses.micro_batch(losses.get("srpo"))(rollout_denominator=M, ...)
 
 Every loss takes keyword arrays plus keyword hyper-parameters (defaults = the shipped config
 values, ``losses.DEFAULTS[name]``), optional ``ref_logp``/``kl_coef`` (k3 KL, §4.10) and optional
@@ -32,6 +33,7 @@ from rlcsd_jax.losses.registry import (
     METHODS,
     MethodSettings,
     get,
+    micro_batch,
     names,
     per_rollout,
 )
@@ -41,6 +43,7 @@ kl_k3 = k3_kl
 
 __all__ = [
     "DEFAULTS", "INPUTS", "METHODS", "MethodSettings", "get", "names", "per_rollout",
+    "micro_batch",
     "grpo_advantages", "grpo_advantages_np", "lam_schedule", "kl_k3", "k3_kl", "masked_mean",
     "rollout_is_weights", "with_tail", "signal_diagnostics", "rlcsd_contrast",
     "rlcsd_modulation", "srpo_entropy_weights",

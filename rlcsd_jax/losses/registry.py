@@ -1,4 +1,5 @@
-"""Loss registry, per-method defaults, and per-rollout aggregation (RLCSD_SPEC §4.0, §4.9).
+"""Loss registry, per-method defaults, per-rollout and micro-batch aggregation (RLCSD_SPEC §4.0,
+§4.9; issue 20).
 
 ``get(name)`` returns a pure function ``(**arrays, **hparams) -> (scalar_loss, metrics)``.
 ``DEFAULTS[name]`` holds its hyper-parameter defaults (the shipped CONFIG values of §4.0, read
@@ -68,9 +69,13 @@ class MethodSettings:
     teacher_context: str | None  # "gt_solution" (§2.2) or "self_rollout" (§2.3, filtered)
     single_wrong: bool  # one wrong hint (opsd_ectr, rlsd_ectr) vs up to k_max (rlcsd)
     grad_clip: float
-    # "per_rollout" or "batch" (§4.9).  The trainer issue asks for per-rollout
-    # on every method but grpo (the reference's ~1-rollout micro-batches make sdpo/srpo
-    # effectively per-rollout too), which overrides §4.9's shorter list.
+    # "per_rollout", "batch" (§4.9) or "reference_micro_batch" (the reference's token-budget
+    # micro-batches, each normalised on its own: `trainer.microbatch.ReferenceRule`).  sdpo and
+    # srpo default to the reference's: their normalisation spans the several rollouts of a
+    # reference micro-batch (srpo's entropy weights and shared denominator, sdpo's token-mean;
+    # issue 20).  The other distillation methods default to per-rollout.  A reference
+    # micro-batch of the ECTR variants or rlcsd (several teacher rows per rollout) mostly holds
+    # one rollout; opsd's and rlsd's hold 1 to 3, like sdpo's (docs/reference_differences.md).
     aggregation: str
     # The batch-aggregated loss is ONE token-mean (a micro-batch's share of it is exact): false
     # for rlcsd (two paths, each normalised by its own token count) and srpo (entropy weights
@@ -81,8 +86,8 @@ class MethodSettings:
 METHODS = types.MappingProxyType({
     "grpo": MethodSettings(None, None, False, 1.0, "batch"),
     "opsd": MethodSettings("fixed", "gt_solution", False, 0.1, "per_rollout"),
-    "sdpo": MethodSettings("ema", "gt_solution", False, 1.0, "per_rollout"),
-    "srpo": MethodSettings("ema", "gt_solution", False, 1.0, "per_rollout", False),
+    "sdpo": MethodSettings("ema", "gt_solution", False, 1.0, "reference_micro_batch"),
+    "srpo": MethodSettings("ema", "gt_solution", False, 1.0, "reference_micro_batch", False),
     "rlsd": MethodSettings("snapshot", "gt_solution", False, 1.0, "per_rollout"),
     "rlcsd": MethodSettings("snapshot", "self_rollout", False, 1.0, "per_rollout", False),
     "opsd_ectr": MethodSettings("fixed", "self_rollout", True, 0.1, "per_rollout"),
@@ -125,5 +130,27 @@ def per_rollout(loss_fn: Callable) -> Callable:
         n_live = jnp.maximum(jnp.sum(live), 1.0)
         metrics = {k: jnp.sum(v * live) / n_live for k, v in metrics.items()}
         return loss, metrics
+
+    return wrapped
+
+
+def micro_batch(loss_fn: Callable) -> Callable:
+    """reference_micro_batch aggregation: the loss of the micro-batch as a whole (normalised
+    over all of its rows, as the reference's loss functions normalise a micro-batch), times its
+    live rollouts / ``rollout_denominator`` (the nominal mini-batch M).
+
+    This is the reference's ``loss_scale_factor = n_mb / ppo_mini_batch_size`` (n_mb / 16 on
+    each of its 8 GPUs, whose gradients are averaged: n_mb / 128 = n_mb / M), so the
+    micro-batches of a mini-batch add up to its loss.  Rows whose mask is all zero (block
+    padding) are not rollouts.  Metrics are the loss function's, over the micro-batch.
+    """
+
+    @functools.wraps(loss_fn)
+    def wrapped(*, rollout_denominator, **kwargs):
+        if not _is_batched(kwargs.get("mask")):
+            raise ValueError("micro_batch: needs a batched `mask` [B, T].")
+        loss, metrics = loss_fn(**kwargs)
+        live = jnp.sum(jnp.any(kwargs["mask"] > 0, axis=-1).astype(loss.dtype))
+        return loss * live / rollout_denominator, metrics
 
     return wrapped

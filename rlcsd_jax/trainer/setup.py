@@ -19,9 +19,12 @@ from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data import readers
 from rlcsd_jax.data.records import Record
 from rlcsd_jax.data.tokenizer import build_tiny_tokenizer
+from rlcsd_jax.trainer import microbatch
 from rlcsd_jax.trainer.update import StepSpec
 
-ALLOWED_AGGREGATIONS = ("per_rollout", "batch")
+# "reference_micro_batch": the reference's micro-batches, each normalised on its own and
+# weighted by its rollouts / M (`microbatch.ReferenceRule`, `update._loss`).
+ALLOWED_AGGREGATIONS = ("per_rollout", "batch", "reference_micro_batch")
 
 
 def check_config(cfg) -> None:
@@ -265,10 +268,23 @@ def engine_options(cfg, model_config, mesh, free_bytes_per_device: float | None,
                 kv_budget_tokens=budget)
 
 
-def split_minibatches(cfg) -> bool:
-    """Whether mini-batches are cut into micro-batches: always, but for a batch-aggregated loss
-    that is not one token-mean (rlcsd, srpo), which needs its whole mini-batch at once."""
-    return aggregation(cfg) == "per_rollout" or losses.METHODS[cfg.method].token_mean_loss
+def split_minibatches(cfg) -> bool | microbatch.ReferenceRule:
+    """How mini-batches are cut into micro-batches (`microbatch.plan`'s `split`): by the token
+    budget (True), but not for a batch-aggregated loss that is not one token-mean (rlcsd, srpo),
+    which needs its whole mini-batch at once (False); under reference_micro_batch aggregation,
+    the reference's rule with its budget `train.teacher_max_len` (a `ReferenceRule`)."""
+    agg = aggregation(cfg)
+    if agg == "reference_micro_batch":
+        budget = cfg.train.teacher_max_len
+        if budget <= 0:          # not resolved yet (check_config resolves it)
+            budget = config_base.reference_token_budget(
+                cfg.data.task, cfg.model.preset, cfg.method,
+                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.rollout.max_new_tokens)
+        return microbatch.reference_rule(
+            cfg.method, budget=budget,
+            minibatch_rows=cfg.train.minibatch_prompts * cfg.rollout.group_size,
+            has_teacher=teacher_mode(cfg) is not None)
+    return agg == "per_rollout" or losses.METHODS[cfg.method].token_mean_loss
 
 
 def batch_devices_per_process(mesh) -> int:

@@ -7,7 +7,11 @@ micro-batch contributes the sum of its rollouts' losses divided by the NOMINAL m
 M (as the reference does, RLCSD_SPEC §4.9); under batch aggregation a token-mean loss is
 weighted by the micro-batch's share of the mini-batch's response tokens, and the losses that
 are not a single token-mean (`losses.METHODS[m].token_mean_loss` False) get the whole
-mini-batch in one micro-batch.
+mini-batch in one micro-batch.  Under reference_micro_batch aggregation the micro-batches are
+the reference's (`microbatch.ReferenceRule`) and they do define the loss: the method's loss
+of each micro-batch as a whole (srpo's entropy weights normalised and its one denominator over
+the micro-batch), times its rollouts / M: the reference's `n_mb / 16` on each of its 8 GPUs,
+whose gradients are averaged (`dp_actor.update_policy`, `loss_scale_factor`).
 
 Student batch keys (R rows of one micro-batch, right padded): input_ids / attention_mask
 [R, S], response_start [R], response_mask [R, T], advantages [R], sampler_logp [R, T], old_logp
@@ -34,7 +38,7 @@ class StepSpec:
 
     method: str
     hparams: tuple                 # sorted (name, value) loss hyper-parameters
-    aggregation: str               # "per_rollout" | "batch"
+    aggregation: str               # "per_rollout" | "batch" | "reference_micro_batch"
     response_len: int              # N, the response cap
     chunk: int                     # LM-head tokens per device per chunk
     minibatch_rows: int            # M, the nominal mini-batch (per-rollout loss denominator)
@@ -152,6 +156,9 @@ def _loss(params, graphdef, batch, teacher, token_total, spec: StepSpec):
     if spec.aggregation == "per_rollout":
         loss, metrics = losses.per_rollout(fn)(rollout_denominator=spec.minibatch_rows, **args)
         weight = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))   # live rollouts
+    elif spec.aggregation == "reference_micro_batch":
+        loss, metrics = losses.micro_batch(fn)(rollout_denominator=spec.minibatch_rows, **args)
+        weight = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))   # live rollouts
     else:
         loss, metrics = fn(**args)
         loss = loss * tokens / jnp.maximum(token_total, 1.0)
@@ -189,7 +196,8 @@ def apply_grads(state: state_lib.TrainState, grads, lr, nan_grad, *, spec: StepS
 def combine_metrics(per_micro_batch: list[dict]) -> dict:
     """One mini-batch's metrics from its micro-batches': losses and counts (`*_count`) add up,
     everything else is a mean weighted by the micro-batch's `_weight` (live rollouts under
-    per-rollout aggregation, response tokens under batch aggregation)."""
+    per-rollout and reference_micro_batch aggregation, response tokens under batch
+    aggregation)."""
     import numpy as np
 
     weights = np.asarray([float(m["_weight"]) for m in per_micro_batch])

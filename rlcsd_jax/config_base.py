@@ -62,7 +62,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         num_steps=500, minibatch_prompts=16, lr=1e-6, warmup_steps=50, weight_decay=0.01,
         b1=0.9, b2=0.999, eps=1e-8,
         grad_clip=-1.0,                     # <0: method default (1.0; 0.1 for opsd*)
-        loss_aggregation="",                # "": per_rollout for all methods but grpo (batch)
+        loss_aggregation="",                # "": batch for grpo, reference_micro_batch for
+                                            # srpo / sdpo, per_rollout for the others
         # Memory bound of scoring and the update: rows are cut into micro-batches of at most
         # this many tokens per device (like the reference's ppo_max_token_len_per_gpu; a longer
         # row runs alone), and the LM head runs on chunks of score_chunk tokens per device.

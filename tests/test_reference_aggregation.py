@@ -570,29 +570,12 @@ def fake_texts(monkeypatch):
     return fake_rollouts.install(monkeypatch.setattr)
 
 
-def hooked_micro_batches(self, ro, ctx, rows, positions):
-    """loop.Trainer._micro_batches with the issue-20 hook: the step's contexts and the rows'
-    positions go to microbatch.plan, which needs them for the teacher-aware rule."""
-    from rlcsd_jax.trainer import batches as batches_lib
-    from rlcsd_jax.trainer import setup
-
-    s_len, r_len = batches_lib.student_lengths(ro, rows)
-    t_len = None
-    if self.spec.teacher_mode is not None and not self.cfg.train.share_teacher_prefixes:
-        t_len = batches_lib.teacher_lengths(ctx, positions, r_len,
-                                            max_len=self.cfg.train.teacher_max_len)
-    return microbatch.plan(s_len, t_len, r_len, budget=self.cfg.train.micro_batch_tokens,
-                           devices_per_process=setup.batch_devices_per_process(self.mesh),
-                           buckets=self.teacher_buckets,
-                           split=setup.split_minibatches(self.cfg),
-                           contexts=ctx, positions=positions)
-
-
-@pytest.mark.parametrize("method,hook", [("srpo", False), ("sdpo", True)])
-def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts, method, hook):
+@pytest.mark.parametrize("method", ["srpo", "sdpo"])
+def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts, method):
     """A tiny run under the method's default (reference_micro_batch): 8 prompts x 8 rollouts
     in one mini-batch, read as 8 ranks of 8 rows; the trainer's micro-batches are the
-    reference's (sdpo: with the loop hook that passes the contexts), and the step is finite."""
+    reference's (sdpo's counting its teacher rows, from the step's contexts), and the step is
+    finite."""
     from test_train_loop import tiny_config
 
     from rlcsd_jax.trainer import loop
@@ -608,8 +591,6 @@ def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts,
         return plans[-1][2]
 
     monkeypatch.setattr(loop.microbatch, "plan", recording_plan)
-    if hook:
-        monkeypatch.setattr(loop.Trainer, "_micro_batches", hooked_micro_batches)
     tr = loop.Trainer(cfg, str(tmp_path))
     assert tr.spec.aggregation == "reference_micro_batch"
     m = tr.train_step(next(tr.iterator))
@@ -619,8 +600,8 @@ def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts,
     assert rule == microbatch.ReferenceRule(method, cfg.train.teacher_max_len, 8,
                                             method == "sdpo")
     s_len = np.asarray(args[0])
-    if hook:
-        assert kwargs["contexts"] is not None
+    assert kwargs["contexts"] is not None
+    if method == "sdpo":
         t_len = microbatch.reference_teacher_lengths(method, kwargs["contexts"],
                                                      kwargs["positions"], args[2],
                                                      budget=rule.budget)

@@ -283,7 +283,9 @@ class Trainer:
         return microbatch.plan(s_len, t_len, r_len, budget=self.cfg.train.micro_batch_tokens,
                                devices_per_process=setup.batch_devices_per_process(self.mesh),
                                buckets=self.teacher_buckets,
-                               split=setup.split_minibatches(self.cfg))
+                               split=setup.split_minibatches(self.cfg),
+                               # the reference's grouping counts the teacher rows (issue 20)
+                               contexts=ctx, positions=positions)
 
     def _shared_old_logprobs(self, ro, kept, counters) -> dict:
         """Old (and ref) log-probs and entropies of every kept rollout, each prompt once."""

@@ -6,10 +6,10 @@ the prefix being the teacher prompt left-truncated exactly as full-row scoring d
 rows: one per rollout, the prefix being its prompt (the G rollouts of a prompt share it).
 
 Rows are grouped by prefix; each prefix and all its rows go to one device block (`shard`), the
-blocks balanced by tokens.  A block's prefixes are cut into batches of at most
-`budget` tokens (N prefixes x width P); unit i runs the i-th batch of every block together
-(`prefix_kv`), then the batch's rows in calls of at most `budget` tokens of (prefix + response)
-per device (`continuation_stats`).  Every process plans its own blocks; the processes agree on
+blocks balanced by tokens.  Each block's prefixes are taken longest first; a unit runs the
+next N prefixes of every block at the width P of the longest of them, N x P <= `budget` tokens
+per device (`prefix_kv`), then those prefixes' rows in calls of at most `budget` tokens of
+(prefix + response) per device (`continuation_stats`).  Every process plans its own blocks; the processes agree on
 the number and shapes of the units and calls (small all-gathers), so the SPMD programs stay in
 lockstep.
 """
@@ -82,31 +82,33 @@ def plan(rows: list[Row], *, shards: int, budget: int, buckets=None) -> Plan:
         b = int(np.argmin(load))
         blocks[b].append(p)
         load[b] += cost[p]
-    batches = [_prefix_batches(block, budget, buckets) for block in blocks]
-    count = multihost.global_max(max((len(b) for b in batches), default=0))
+    # Each block's prefixes longest first; unit u takes the next N of every block, its width
+    # the bucket of the longest of them (over every block and process) and N what the budget
+    # allows at that width (N x P <= budget, or one prefix of P > budget): every unit stays
+    # within the per-device token budget and similar lengths share a unit.
+    blocks = [sorted(block, key=len, reverse=True) for block in blocks]
+    pointer = [0] * shards
     units = []
-    for u in range(count):
-        members = [b[u] if u < len(b) else [] for b in batches]
-        width = _agree_bucket(max((len(p) for m in members for p in m), default=1), buckets)
-        per_block = multihost.global_max(max(len(m) for m in members))
-        per_block = 1 << max(per_block - 1, 0).bit_length()
+    while (left := multihost.global_max(max(len(b) - p for b, p in zip(blocks, pointer)))) > 0:
+        head = max((len(b[p]) for b, p in zip(blocks, pointer) if p < len(b)), default=1)
+        width = _agree_bucket(head, buckets)
+        per_block = min(max(1, budget // width), 1 << max(left - 1, 0).bit_length())
+        members = [b[p:p + per_block] for b, p in zip(blocks, pointer)]
+        pointer = [p + per_block for p in pointer]
         unit_rows = [[i for p in m for i in by_prefix[p]] for m in members]
-        # Response widths take the default bucket rule: `buckets` (train.teacher_buckets) size
-        # whole scoring rows, far wider than a response alone can be.
+        # Response widths take their own finer rule (`response_bucket`): `buckets`
+        # (train.teacher_buckets) size whole scoring rows, far wider than a response alone.
         units.append(Unit(members, per_block, width, _calls(unit_rows, rows, width, budget)))
     return Plan(rows, units, shards)
 
 
-def _prefix_batches(block: list[tuple], budget: int, buckets) -> list[list[tuple]]:
-    """A block's prefixes (longest first) in batches of at most `budget` padded tokens."""
-    out, current = [], []
-    for p in block:
-        width = bucket_length(max([len(p)] + [len(q) for q in current]), buckets)
-        if current and (len(current) + 1) * width > budget:
-            out.append(current)
-            current = []
-        current.append(p)
-    return out + ([current] if current else [])
+RESPONSE_STEP = 512
+
+
+def response_bucket(n: int) -> int:
+    """Continuation widths: the default bucket up to RESPONSE_STEP, then its multiples (powers
+    of two waste up to half of a 4k-8k response)."""
+    return bucket_length(n) if n <= RESPONSE_STEP else -(-n // RESPONSE_STEP) * RESPONSE_STEP
 
 
 def _agree_bucket(length: int, buckets) -> int:
@@ -124,7 +126,7 @@ def _calls(unit_rows: list[list[int]], rows: list[Row], prefix_width: int,
     while multihost.global_max(max((len(o) - p for o, p in zip(order, pointer)), default=0)) > 0:
         head = max((len(rows[o[p]].response) for o, p in zip(order, pointer) if p < len(o)),
                    default=1)
-        width = _agree_bucket(head, None)
+        width = response_bucket(multihost.global_max(head))
         left = multihost.global_max(max(len(o) - p for o, p in zip(order, pointer)))
         per_block = min(max(1, budget // (prefix_width + width)),
                         1 << max(left - 1, 0).bit_length())

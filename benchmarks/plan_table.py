@@ -4,8 +4,9 @@
     python -m benchmarks.plan_table --write docs/tpu.md  # replace the table between its markers
 
 Each config is compiled by `rlcsd_jax.plan.plan` (libtpu, no TPU needed) at its largest shapes:
-per-program peak memory per device against the chip's HBM, and the roofline time of one
-training step by phase at a mean response of half the cap.
+per-program peak memory per device against the chip's HBM (for the rollout engine's decode
+programs also the bytes read per generated token over their floor, e.g. `78.0 (1.20x)`), and
+the roofline time of one training step by phase at a mean response of half the cap.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _cell(row) -> str:
     if row.error:
         return "compile error"
     mark = "" if row.fits else " **no**"
-    return f"{row.total_gib:.1f}{mark}"
+    ratio = "" if row.floor_ratio is None else f" ({row.floor_ratio:.2f}x)"
+    return f"{row.total_gib:.1f}{ratio}{mark}"
 
 
 def _seconds(x) -> str:

@@ -111,3 +111,39 @@ def test_splash_kernels_are_priced(v5p):
     kernels = 18 * 2 * 16 * 2048 * 2048 * 128 * splash.block_density(2048, 512, None)
     assert cost.custom_calls == []                       # every kernel priced
     assert kernels <= cost.flops <= kernels * 1.01       # plus XLA's own small ops
+
+
+def test_ragged_paged_attention_is_priced_at_the_live_kv(v5p):
+    """The rollout engine's decode kernel (TPU ragged paged attention, a Pallas custom call XLA
+    prices at nothing) is priced from its scope name at the live KV length the caller assumes:
+    per slot and layer each live key's k and v read once (bf16), 4 FLOPs and one exp per key,
+    query head and head dim; capped at the page table and, on sliding layers, at the window."""
+    from rlcsd_jax import models, sharding
+    from rlcsd_jax.inference import plan, programs
+
+    sl, _ = v5p
+    cfg = models.get_preset("qwen3-1.7b", num_layers=2, layer_types=("full_attention",) * 2,
+                            hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=128,
+                            intermediate_size=512, vocab_size=1024, dtype="bfloat16")
+    mesh = sharding.make_mesh(1, 1, 1, devices=list(sl.devices[:1]))
+    args = plan.abstract_args(cfg, mesh, max_slots=8, num_pages=256, page_size=32,
+                              steps_per_call=4, prompt_bucket=128, max_seq_len=512,
+                              eos_ids=(2,))
+    with jax.set_mesh(mesh), topology.persistent_cache_off(sl.devices[0]):
+        compiled = programs.decode_jit.lower(*args["decode"]).compile()
+    short, long_, beyond, table = (hlo_cost.program_cost(compiled, mean_kv_len=n)
+                                   for n in (100, 400, 10**6, None))
+    assert "tpu_custom_call" not in short.custom_calls
+    # The decode loop (data dependent) is counted once, its 2-layer scan twice; 8 slots.
+    dl = 300
+    assert long_.bytes_accessed - short.bytes_accessed == 2 * 8 * dl * 2 * 2 * 128 * 2
+    assert long_.flops - short.flops == pytest.approx(2 * 4 * 8 * 4 * dl * 128)
+    assert long_.transcendentals - short.transcendentals == pytest.approx(2 * 8 * 4 * dl)
+    # past the 16-page table (512 tokens) nothing more is read; None prices the whole table
+    assert beyond.bytes_accessed == table.bytes_accessed
+    assert beyond.bytes_accessed - long_.bytes_accessed == 2 * 8 * 112 * 2 * 2 * 128 * 2
+    line = ('%k = bf16[8,8,128]{2,1,0} custom-call(%q), custom_call_target="tpu_custom_call", '
+            'metadata={op_name="jit(f)/ragged_paged_b8_h8_kv4_d128_p32_pps9_w256/x"}')
+    sliding = hlo_cost._kernel_cost(line, mean_kv_len=1000)       # window 256 < 9 pages
+    assert sliding["bytes accessed"] == 8 * 256 * 2 * 4 * 128 * 2 + 2 * 8 * 8 * 128 * 2
+    assert sliding["flops"] == 4 * 8 * 8 * 256 * 128

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 
 import jax
@@ -48,7 +47,7 @@ class Measured:
     def fits(self) -> bool | None:
         if self.error is not None:
             return None
-        if self.refused_need_bytes is not None:
+        if self.refused_need_bytes is not None or self.program.refusal:
             return False
         return self.budget_bytes is None or self.total_bytes <= self.budget_bytes
 
@@ -63,15 +62,7 @@ class Measured:
         return flops, nbytes, roofline_lib.roofline(flops, nbytes, chip)
 
 
-def device_bytes(tree) -> float:
-    """Bytes one device holds of the (abstract or real) arrays in `tree`."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            continue                        # static arguments (graphdef, spec, ...)
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
-        total += math.prod(shape) * x.dtype.itemsize
-    return float(total)
+device_bytes = programs_lib.device_bytes     # bytes one device holds of a tree of arrays
 
 
 def _out_info(compiled):
@@ -92,7 +83,8 @@ def measure(program: programs_lib.Program, budget: float | None,
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is reported, not raised
         parsed = topology.parse_hbm_error(str(e))
         if parsed is None:
-            m.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            first = (str(e).splitlines() or [""])[0]
+            m.error = f"{type(e).__name__}: {first[:300]}"
         else:
             m.refused_need_bytes = parsed[0]
             m.budget_bytes = budget if budget is not None else parsed[1]
@@ -106,7 +98,7 @@ def measure(program: programs_lib.Program, budget: float | None,
     m.temp_bytes = float(stats.temp_size_in_bytes)
     m.code_bytes = float(stats.generated_code_size_in_bytes)
     if with_cost:
-        m.cost = hlo_cost.program_cost(m.compiled)
+        m.cost = hlo_cost.program_cost(m.compiled, mean_kv_len=program.mean_kv_len)
     return m
 
 
@@ -148,7 +140,7 @@ def compile_programs(rs: programs_lib.RunSetup, *, budget: float | None,
         return programs_lib.like_outputs(program.fn, program.args, program.kwargs, rs.mesh)
 
     progs = programs_lib.build(rs, mean_response_len=mean_response_len,
-                               lower_dependent=lower_dependent)
+                               lower_dependent=lower_dependent, memory_per_device=budget)
     out = []
     for p in progs:
         m = compile_once(p)

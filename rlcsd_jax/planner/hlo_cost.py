@@ -13,8 +13,12 @@ program's HLO the same way: checked equal on loop-free programs).  Pallas kernel
 calls that this analysis does not see into; the splash attention kernels are priced from the
 shapes and tile density their call site records in its scope name (`models.splash.SCOPE`):
 forward 4, dq 6, dkv 8 matmul-FLOPs per (query, key, head dim) element of the computed tiles,
-and each of q, k, v, o and their gradients read or written once.  Other custom calls are listed
-in `custom_calls` as unpriced.
+and each of q, k, v, o and their gradients read or written once.  The rollout engine's ragged
+paged attention (`inference.paged_attention.SCOPE`, one query per slot) reads only each slot's
+live pages, so its price needs the live KV length the caller assumes (`mean_kv_len`; None =
+every page of the table): per slot min(live, table pages x page size, window) keys, each k and v
+read once (4 FLOPs per key, query head and head dim; one exp per key and query head), plus q
+and the output.  Other custom calls are listed in `custom_calls` as unpriced.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ _CONSTANT = re.compile(r"^\s*%(\S+) = [su](?:32|64)\[\]\S* constant\((-?\d+)\)")
 _COMPARE_LT = re.compile(r"compare\(%(\S+), %(\S+)\), direction=LT")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _METADATA = re.compile(r", metadata=\{[^}]*\}")
-_SPLASH = re.compile(r"splash_b(\d+)_h(\d+)_kv(\d+)_t(\d+)_d(\d+)_density([\d.]+)")
+_SPLASH = re.compile(r"splash_b(\d+)_h(\d+)_kv(\d+)_t(\d+)_s(\d+)_d(\d+)_density([\d.]+)")
 _SPLASH_KIND = re.compile(r"%splash_(?:mha|mqa)_(fwd|dq|dkv)")
+_RAGGED = re.compile(r"ragged_paged_b(\d+)_h(\d+)_kv(\d+)_d(\d+)_p(\d+)_pps(\d+)_w(\d+)")
+_RESULT_DTYPE = re.compile(r"^\s*(?:ROOT )?%\S+ = \(?([a-z]+\d*)\[")
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "f8e4m3fn": 1, "f8e5m2": 1, "s8": 1}
 _CALLED = re.compile(r"(?:body|condition|calls|to_apply)=%([^\s,)]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%([^\s,)]+)")
 KEYS = ("flops", "bytes accessed", "transcendentals")
@@ -157,20 +164,39 @@ def _trip_count(cond_lines: list[str], body_lines: list[str], caller_lines: list
     return max(0, -(-(bound - start) // step))
 
 
-def _kernel_cost(line: str) -> dict | None:
-    """Cost of one splash custom call from its scope name, or None for other instructions."""
-    kind, shape = _SPLASH_KIND.search(line), _SPLASH.search(line)
-    if "custom_call_target" not in line or not (kind and shape):
+def _ragged_cost(line: str, shape, mean_kv_len: float | None) -> dict:
+    """One ragged paged attention call (decode: one query per slot) from its scope name."""
+    b, h, kv, d, p, pps, w = (int(shape.group(i)) for i in range(1, 8))
+    live = float(pps * p) if mean_kv_len is None else min(float(mean_kv_len), pps * p)
+    if w:
+        live = min(live, w)
+    m = _RESULT_DTYPE.search(line)
+    itemsize = _ITEMSIZE.get(m.group(1), 2) if m else 2
+    return {"flops": 4.0 * b * h * live * d,
+            "bytes accessed": b * live * 2 * kv * d * itemsize + 2.0 * b * h * d * itemsize,
+            "transcendentals": float(b * h * live)}
+
+
+def _kernel_cost(line: str, mean_kv_len: float | None = None) -> dict | None:
+    """Cost of one splash or ragged paged attention custom call from its scope name, or None for
+    other instructions."""
+    if "custom_call_target" not in line:
         return None
-    b, h, kv, t, d = (int(shape.group(i)) for i in range(1, 6))
-    density = float(shape.group(6))
+    ragged = _RAGGED.search(line)
+    if ragged:
+        return _ragged_cost(line, ragged, mean_kv_len)
+    kind, shape = _SPLASH_KIND.search(line), _SPLASH.search(line)
+    if not (kind and shape):
+        return None
+    b, h, kv, t, s, d = (int(shape.group(i)) for i in range(1, 7))
+    density = float(shape.group(7))
     flops_factor, q_tensors, kv_tensors = _SPLASH_COST[kind.group(1)]
-    return {"flops": flops_factor * b * h * t * t * d * density,
-            "bytes accessed": 2.0 * b * t * d * (q_tensors * h + kv_tensors * kv),
-            "transcendentals": b * h * t * t * density if kind.group(1) != "dkv" else 0.0}
+    return {"flops": flops_factor * b * h * t * s * d * density,
+            "bytes accessed": 2.0 * b * d * (q_tensors * h * t + kv_tensors * kv * s),
+            "transcendentals": b * h * t * s * density if kind.group(1) != "dkv" else 0.0}
 
 
-def _kernels(comps, name: str, cache: dict) -> dict:
+def _kernels(comps, name: str, cache: dict, mean_kv_len: float | None = None) -> dict:
     """Priced kernel cost of a computation, counting what it calls once (loops once, the
     costlier branch of a conditional), as XLA's analysis counts everything else."""
     if name in cache:
@@ -178,17 +204,17 @@ def _kernels(comps, name: str, cache: dict) -> dict:
     cost = dict.fromkeys(KEYS, 0.0)
     cache[name] = cost                     # guards against cycles (there are none in HLO)
     for line in comps.get(name, ()):
-        own = _kernel_cost(line)
+        own = _kernel_cost(line, mean_kv_len)
         if own:
             for k in KEYS:
                 cost[k] += own[k]
         for called in _CALLED.findall(line):
-            for k, v in _kernels(comps, called, cache).items():
+            for k, v in _kernels(comps, called, cache, mean_kv_len).items():
                 cost[k] += v
         branches = [n.strip().lstrip("%") for m in _BRANCHES.finditer(line)
                     for n in (m.group(1) or m.group(2) or "").split(",") if n.strip()]
         if branches:
-            priced = [_kernels(comps, n, cache) for n in branches]
+            priced = [_kernels(comps, n, cache, mean_kv_len) for n in branches]
             top = max(priced, key=lambda c: c["flops"])
             for k in KEYS:
                 cost[k] += top[k]
@@ -206,8 +232,10 @@ def _as_entry(comps, order, entry_name: str) -> str:
     return "\n".join(lines)
 
 
-def program_cost(compiled) -> ProgramCost:
-    """Loop-aware cost of a `jax.stages.Compiled` (per device, as XLA reports it)."""
+def program_cost(compiled, mean_kv_len: float | None = None) -> ProgramCost:
+    """Loop-aware cost of a `jax.stages.Compiled` (per device, as XLA reports it).
+    mean_kv_len: live KV tokens per slot at which ragged paged attention kernels are priced
+    (None: every page of their table)."""
     import jaxlib._hlo as hlo
     from jax._src.lib import xla_client
 
@@ -222,7 +250,7 @@ def program_cost(compiled) -> ProgramCost:
         if name not in analysed:
             mod = hlo.hlo_module_from_text(_as_entry(comps, order, name))
             cost = xla_client._xla.hlo_module_cost_analysis(cpu, mod)
-            kernels = _kernels(comps, name, kernel_cache)
+            kernels = _kernels(comps, name, kernel_cache, mean_kv_len)
             analysed[name] = {k: float(cost.get(k, 0.0)) + kernels[k] for k in KEYS}
         return analysed[name]
 

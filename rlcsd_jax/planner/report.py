@@ -13,11 +13,15 @@ GIB = 2**30
 
 # What makes each kind of program smaller, in the order worth trying.
 _ADVICE = {
-    "rollout": ("the rows of one sampling call and their KV cache: fewer prompts per step "
-                "(rollout.prompts_per_step), a shorter response cap (rollout.max_new_tokens), or "
+    "rollout": ("the rows decoded at once and their KV cache: on the rollout engine fewer "
+                "slots (engine.max_slots) or a smaller page pool (engine.kv_memory_fraction, "
+                "engine.kv_budget_tokens); on the static sampler fewer prompts per step "
+                "(rollout.prompts_per_step); a shorter response cap (rollout.max_new_tokens), or "
                 "more chips on fsdp (rows shard over data x fsdp)"),
-    "eval": ("the rows of one evaluation call and their KV cache: fewer prompts per call "
-             "(eval.batch_prompts), fewer samples (eval.num_samples), a shorter cap "
+    "eval": ("the rows decoded at once and their KV cache: on the rollout engine fewer slots "
+             "(engine.max_slots) or a smaller page pool (engine.kv_memory_fraction, "
+             "engine.kv_budget_tokens); on the static sampler fewer prompts per call "
+             "(eval.batch_prompts) or samples (eval.num_samples); a shorter cap "
              "(eval.max_new_tokens), or more chips on fsdp"),
     "score": ("the mini-batch's activations: fewer rows per mini-batch (train.minibatch_prompts), "
               "fewer teacher contexts (teacher.k_max), shorter teacher rows "
@@ -27,7 +31,12 @@ _ADVICE = {
 }
 
 
-def refusal(name: str, need_gib: float, budget_gib: float, what_shrinks: str) -> str:
+def refusal(name: str, need_gib: float, budget_gib: float, what_shrinks: str,
+            reason: str | None = None) -> str:
+    if reason:            # it compiles and fits, but cannot run (the engine's KV pool)
+        return (f"{name} does NOT fit: {reason} (needs {need_gib:.1f} GiB per device with "
+                f"that pool, the budget is {budget_gib:.1f} GiB). What shrinks it: "
+                f"{what_shrinks}.")
     return (f"{name} does NOT fit: needs {need_gib:.1f} GiB per device, the budget is "
             f"{budget_gib:.1f} GiB ({need_gib / budget_gib:.1f}x). What shrinks it: "
             f"{what_shrinks}.")
@@ -36,7 +45,8 @@ def refusal(name: str, need_gib: float, budget_gib: float, what_shrinks: str) ->
 def refusals(measured: list[Measured]) -> str:
     """One paragraph per program that does not fit (empty when all do)."""
     return "\n".join(refusal(m.program.name, m.total_bytes / GIB, m.budget_bytes / GIB,
-                             advice(m)) for m in measured if m.fits is False)
+                             advice(m), m.program.refusal)
+                     for m in measured if m.fits is False)
 
 
 def advice(m: Measured) -> str:
@@ -65,6 +75,13 @@ class Row:
     mfu: float | None = None
     error: str | None = None
     advice: str | None = None
+    refusal: str | None = None    # why an engine job cannot run although its programs fit
+    # engine decode programs: bytes accessed per generated token (every slot busy) and the
+    # floor (compute-dtype weights per device / its slots + live KV read per token), per device
+    bytes_per_token: float | None = None
+    floor_bytes_per_token: float | None = None
+    floor_ratio: float | None = None
+    floor_terms: dict | None = None
 
 
 def rows(measured: list[Measured], chip: ChipSpec, num_devices: int) -> list[Row]:
@@ -79,6 +96,7 @@ def rows(measured: list[Measured], chip: ChipSpec, num_devices: int) -> list[Row
             r.temp_gib = m.refused_need_bytes / GIB
         if m.fits is False:
             r.advice = advice(m)
+            r.refusal = p.refusal
         timed = m.typical or m       # time at the mean lengths where the program has a twin
         if timed.cost is not None:
             flops, nbytes, roof = timed.per_call(chip)
@@ -91,6 +109,14 @@ def rows(measured: list[Measured], chip: ChipSpec, num_devices: int) -> list[Row
             r.calls_per_step = tp.calls_per_step
             if m.typical is not None:
                 r.what += f"; timed at {tp.what}"
+            floor = tp.decode_floor
+            if floor is not None:
+                r.bytes_per_token = nbytes / (floor.slots * floor.steps_per_call)
+                r.floor_bytes_per_token = floor.bytes_per_token
+                r.floor_ratio = r.bytes_per_token / floor.bytes_per_token
+                r.floor_terms = dict(weight_bytes=floor.weight_bytes, slots=floor.slots,
+                                     kv_bytes_per_token=floor.kv_bytes_per_token,
+                                     mean_kv_len=tp.mean_kv_len)
         out.append(r)
     return out
 
@@ -141,11 +167,25 @@ def format_table(title: str, table: list[Row], estimate: dict, mean_response_len
               "largest shape (the others); calls per training step.", ""]
     for r in table:
         lines.append(f"  {r.name}: {r.what}")
+    decode = [r for r in table if r.floor_ratio is not None]
+    if decode:
+        lines += ["", "decode bytes per generated token (every slot busy; the paged attention "
+                  "kernel priced at the mean live KV) vs the floor = compute-dtype weights per "
+                  "device / slots per device + live KV read per token:"]
+    mb = 1e6
+    for r in decode:
+        t = r.floor_terms
+        lines.append(
+            f"  {r.name}: {r.bytes_per_token / mb:.2f} MB/token vs floor "
+            f"{r.floor_bytes_per_token / mb:.2f} MB = {t['weight_bytes'] / mb:.0f} MB / "
+            f"{t['slots']} slots + {t['kv_bytes_per_token'] / mb:.2f} MB KV at "
+            f"{t['mean_kv_len']:.0f} tokens: ratio {r.floor_ratio:.2f}")
     for r in table:
         if r.error:
             lines.append(f"\n{r.name}: COMPILE ERROR (not a memory problem): {r.error}")
         elif r.fits is False:
-            lines.append("\n" + refusal(r.name, r.total_gib, r.budget_gib, r.advice))
+            lines.append("\n" + refusal(r.name, r.total_gib, r.budget_gib, r.advice,
+                                         r.refusal))
     fmt = lambda k: "n/a" if estimate[k] is None else f"{estimate[k]:.1f} s"  # noqa: E731
     lines += ["", f"one training step at a mean response of {mean_response_len} tokens "
               f"(roofline): {fmt('step')}  = sample {fmt('sample')} + score {fmt('score')} + "

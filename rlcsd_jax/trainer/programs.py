@@ -3,9 +3,11 @@
 The planner (`python -m rlcsd_jax.plan`) compiles these for a TPU slice it does not have; the
 trainer compiles the same list on its real devices at start-up and checks each program's memory
 against the device before it samples anything.  Both lower the trainer's own functions
-(`sampling.prefill_jit`, `update.teacher_outputs`, `update.update`, ...) with the static
-arguments the trainer passes (`setup.step_spec`, `sampling.make_static`), so what the planner
-reports is what the trainer will run.
+(the rollout engine's `inference.programs.prefill_jit` / `decode_jit`, or with
+`engine.enabled=False` the static sampler's `sampling.prefill_jit` / `decode_jit`;
+`update.teacher_outputs`, `update.update`, ...) with the static arguments the trainer passes
+(`setup.step_spec`, `setup.engine_options`, `sampling.make_static`), so what the planner reports
+is what the trainer will run.
 
 Shapes are the worst case of a step: prompts at the largest prompt bucket, responses at the
 response cap, teacher rows at the largest teacher bucket, a full mini-batch.  Everything is a
@@ -42,6 +44,10 @@ class Program:
       while-loop runs until every row is done: the planner multiplies its per-iteration cost).
     tokens_per_call: token positions the call produces (generated tokens) or scores.
     model_flops_per_call: the useful FLOPs of the call (for MFU), see `rlcsd_jax.planner.flops`.
+    mean_kv_len: live KV tokens per slot assumed when pricing the engine's ragged paged attention
+      kernel (it reads only live pages; `planner.hlo_cost`); None = every table page.
+    decode_floor: engine decode programs: what a decode step must read at least, per device
+      (`DecodeFloor`), for the report's bytes-per-token vs floor ratio.
     """
 
     name: str
@@ -57,6 +63,9 @@ class Program:
     resident: tuple = ()                 # arrays in HBM during the call that are not arguments
     typical: "Program | None" = None     # the same program at the mean lengths (time estimate)
     is_typical: bool = False             # this is such a twin (not a largest shape)
+    mean_kv_len: float | None = None
+    decode_floor: "DecodeFloor | None" = None
+    refusal: str | None = None           # why it cannot run although it compiles (KV pool)
 
     def lower(self):
         return self.fn.lower(*self.args, **self.kwargs)
@@ -172,6 +181,8 @@ class Shapes:
     eval_prompts: int
     eval_samples: int
     eval_response_len: int
+    # typical prompt (max_prompt_len / 4, as the typical micro-batch): the engine's mean live KV
+    mean_prompt_len: int = 0
 
     @property
     def minibatches(self) -> int:
@@ -222,7 +233,7 @@ def step_shapes(cfg, batch_devices: int, mean_response_len: int | None = None) -
         typical_micro_batches=-(-m // typical.rows), mean_student_len=mean_prompt + mean_n,
         mean_teacher_len=mean_teacher, mean_response_len=mean_n,
         eval_prompts=cfg.eval.batch_prompts, eval_samples=setup.eval_samples(cfg),
-        eval_response_len=cfg.eval.max_new_tokens)
+        eval_response_len=cfg.eval.max_new_tokens, mean_prompt_len=mean_prompt)
 
 
 def _pow2(n: int) -> int:
@@ -295,8 +306,200 @@ def _generate_programs(rs: RunSetup, graphdef, params_c, name: str, phase: str, 
     return [prefill, decode]
 
 
+# ----------------------------------------------------------------------------------------------
+# The rollout engine's programs (cfg.engine.enabled)
+# ----------------------------------------------------------------------------------------------
+
+# Busy fraction of the slot-steps of a job with more rows than slots: the engine refills a slot
+# as soon as its row ends, so on a long-tailed workload ~95% of slot-steps are useful
+# (docs/engine.md measures 96.5%; the last rows' tail is the rest).
+BUSY_FRACTION = 0.95
+
+
+def _pow4(n: int) -> int:
+    """The engine's prefill row bucket per shard (`Engine._prefill`)."""
+    p = 1
+    while p < n:
+        p *= 4
+    return p
+
+
+def device_bytes(tree) -> float:
+    """Bytes one device holds of the (abstract or real) arrays in `tree`."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            continue                        # static arguments (graphdef, spec, ...)
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return float(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeFloor:
+    """The least a device must read per decode step: its compute-dtype weights once per step
+    (shared by its slots) and each slot's live KV.  Per device."""
+
+    weight_bytes: float          # compute-dtype weights a device holds
+    slots: int                   # decode slots per device (all assumed active)
+    kv_bytes_per_token: float    # live KV read for one slot's step (all layers, window-capped)
+    steps_per_call: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.weight_bytes / self.slots + self.kv_bytes_per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShape:
+    """How the engine runs one generation job of `prompts` x `samples` rows (global counts)."""
+
+    prompts: int
+    samples: int
+    width: int                   # prompt bucket
+    max_new: int
+    slots: int                   # decode slots (engine_options' max_slots, shard multiple)
+    shards: int
+    page_size: int
+    steps_per_call: int
+    pages_per_shard: int
+    kv_budget_tokens: int | None     # engine_options' (None: every slot at the longest row)
+    prefill_prompts: int             # prompts prefilled by the first admission wave
+    prefill_rows: int                # rows of that prefill call over all shards (pow4 per shard)
+    mean_prompt: float
+    mean_new: float
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+    @property
+    def max_pages(self) -> int:
+        return -(-(self.width + self.max_new - 1) // self.page_size)
+
+    @property
+    def row_pages(self) -> int:
+        """Pages a row of the prompt bucket needs alone (`engine.check_prompts`)."""
+        shared = 1 if self.samples > 1 and self.width % self.page_size else 0
+        return self.max_pages + shared
+
+    def pool_refusal(self, mcfg, mesh) -> str | None:
+        """Why the engine would refuse the job (its pool cannot hold one longest row), or None."""
+        if self.pages_per_shard >= self.row_pages:
+            return None
+        per_token = live_kv_bytes(mcfg, mesh, 1)          # one token, every layer, per device
+        size = self.pages_per_shard * self.page_size * per_token
+        size = f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+        return (f"the KV page pool left to the engine ({self.pages_per_shard} pages of "
+                f"{self.page_size} tokens per batch shard, {size} per device) cannot "
+                f"hold one row of {self.width} prompt + {self.max_new} new tokens "
+                f"({self.row_pages} pages): the engine would refuse the job")
+
+    @property
+    def mean_kv_len(self) -> float:
+        """Live KV tokens of a decoding slot on average: the prompt and half its response."""
+        return self.mean_prompt + self.mean_new / 2
+
+    @property
+    def decode_calls(self) -> float:
+        """Expected decode calls per job.  A job with more rows than slots refills slots as rows
+        end (`BUSY_FRACTION` of slot-steps useful); one that fits in one wave keeps its slots
+        until its longest row ends, which in a long-tailed batch of many rows is the cap.  Both
+        at least the cap's worth of steps (the last row)."""
+        useful = self.rows * self.mean_new
+        busy = useful / (BUSY_FRACTION * self.slots * self.steps_per_call)
+        tail = self.max_new / self.steps_per_call
+        return float(math.ceil(max(busy if self.rows > self.slots else 0.0, tail)))
+
+
+def engine_shape(cfg, mcfg, mesh, *, prompts: int, samples: int, width: int, max_new: int,
+                 mean_prompt: float, mean_new: float, free_bytes: float | None) -> EngineShape:
+    """The engine's sizes for a job, as `Engine.__init__` derives them from
+    `setup.engine_options(cfg, mcfg, mesh, free_bytes, rows)`: slots, and the pool capped at
+    every slot at the longest row (+ a shared partial page), otherwise from kv_budget_tokens.
+    The first admission wave takes min(prompts, slots // G) prompts (each prefilled once for its
+    G samples) spread over the shards, rows per shard rounded up to a power of 4."""
+    from rlcsd_jax.inference import pages
+
+    rows = prompts * samples
+    opts = setup.engine_options(cfg, mcfg, mesh, free_bytes, rows)
+    shards = pages.batch_shards(mesh)
+    slots = -(-int(opts["max_slots"]) // shards) * shards
+    ps = int(opts["page_size"])
+    max_pages = -(-(width + max_new - 1) // ps)
+    per_shard = slots * (max_pages + 1) // shards
+    budget = opts["kv_budget_tokens"]
+    if budget is not None:
+        per_shard = min(per_shard, pages.pages_per_shard(budget, ps, shards))
+    first = max(1, min(prompts, slots // samples))
+    return EngineShape(
+        prompts=prompts, samples=samples, width=width, max_new=max_new, slots=slots,
+        shards=shards, page_size=ps, steps_per_call=int(opts["steps_per_call"]),
+        pages_per_shard=per_shard, kv_budget_tokens=budget, prefill_prompts=first,
+        prefill_rows=shards * _pow4(-(-first // shards)), mean_prompt=float(mean_prompt),
+        mean_new=float(mean_new))
+
+
+def live_kv_bytes(mcfg, mesh, kv_len: float) -> float:
+    """KV bytes one slot's decode step reads on its device at `kv_len` live tokens: every layer's
+    k and v (sliding layers at most the window), kv heads split over 'tensor' when they divide."""
+    from rlcsd_jax.inference import paged_attention
+    from rlcsd_jax.models.config import SLIDING
+
+    kv = mcfg.num_kv_heads
+    if paged_attention.head_axis(mesh, kv):
+        kv //= mesh.shape["tensor"]
+    per_token = 2 * kv * mcfg.head_dim * jnp.dtype(mcfg.dtype).itemsize
+    return float(sum(per_token * (min(kv_len, mcfg.sliding_window) if kind == SLIDING
+                                  else kv_len) for kind in mcfg.layer_types))
+
+
+def _engine_programs(rs: RunSetup, graphdef, params_c, name: str, phase: str, es: EngineShape,
+                     options, resident) -> list[Program]:
+    """The engine's prefill (first admission wave) and decode (`steps_per_call` steps of every
+    slot) programs of one generation job, lowered from `inference.plan.abstract_args` with the
+    trainer's compute-dtype parameters.  The page-copy program (a few pages) is left out."""
+    from rlcsd_jax.inference import plan as engine_plan
+    from rlcsd_jax.inference import programs as engine_programs
+    from rlcsd_jax.planner import flops
+
+    mesh, mcfg = rs.mesh, rs.model_config
+    args = engine_plan.abstract_args(
+        mcfg, mesh, max_slots=es.slots, num_pages=es.shards * es.pages_per_shard,
+        page_size=es.page_size, steps_per_call=es.steps_per_call, prompt_bucket=es.width,
+        max_seq_len=es.width + es.max_new, prefill_rows=es.prefill_rows,
+        num_samples=es.samples, options=options, eos_ids=rs.eos_ids, pad_id=rs.pad_id,
+        graphdef=graphdef, params=params_c)
+    pool = (f"pool {es.shards} x {es.pages_per_shard} pages of {es.page_size} "
+            f"({es.shards * es.pages_per_shard * es.page_size} tokens)")
+    refusal = es.pool_refusal(mcfg, mesh)
+    prefill = Program(
+        f"{name}/prefill", phase, engine_programs.prefill_jit, args["prefill"], {},
+        # the first wave's call; later prompts are admitted as slots free up, counted here in
+        # equivalent full calls (their padding to a power of 4 is not counted)
+        es.prompts / es.prefill_prompts, es.prefill_rows * es.width,
+        flops.forward_flops(mcfg, es.prefill_rows, es.width, head_tokens=1),
+        what=f"{es.prefill_prompts} prompts ({es.prefill_rows} rows) x {es.width} tokens -> "
+             f"{es.prefill_prompts * es.samples} slots; {pool}",
+        resident=resident, refusal=refusal)
+    calls = es.decode_calls
+    useful = es.rows * es.mean_new / calls            # generated tokens per call
+    slots_dev = es.slots // es.shards
+    floor = DecodeFloor(device_bytes(params_c), slots_dev,
+                        live_kv_bytes(mcfg, mesh, es.mean_kv_len), es.steps_per_call)
+    decode = Program(
+        f"{name}/decode", phase, engine_programs.decode_jit, args["decode"], {}, calls, useful,
+        flops.decode_flops(mcfg, useful, es.mean_kv_len), loop_trips=es.steps_per_call,
+        what=f"{es.slots} slots x {es.steps_per_call} steps, table {es.max_pages} pages, "
+             f"mean live KV {es.mean_kv_len:.0f} tokens; {es.rows} rows x mean "
+             f"{es.mean_new:.0f} new tokens in {calls:.0f} calls; {pool}",
+        resident=resident, mean_kv_len=es.mean_kv_len, decode_floor=floor, refusal=refusal)
+    return [prefill, decode]
+
+
 def build(rs: RunSetup, *, mean_response_len: int | None = None,
-          lower_dependent: Callable | None = None, shapes: Shapes | None = None) -> list[Program]:
+          lower_dependent: Callable | None = None, shapes: Shapes | None = None,
+          memory_per_device: float | None = None) -> list[Program]:
     """Every program of a training step and of an evaluation, in the order the trainer runs them.
 
     Scoring and update programs are built at their largest micro-batch (memory); each carries a
@@ -304,6 +507,10 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
     lower_dependent(program) -> the abstract outputs of `program` to feed the next one (the
     planner passes the compiled programs' own output shardings; default: `like_outputs`).
     shapes: default `step_shapes(cfg, ...)`.
+    memory_per_device: the device budget; with the rollout engine (cfg.engine.enabled) its page
+    pool is sized, as the trainer sizes it when sampling starts, from what is left of it after
+    the train state and the compute-dtype copy of the weights (`setup.engine_options`); None =
+    the engine's default (every slot can hold the longest row).
     """
     from rlcsd_jax.planner import flops
 
@@ -320,11 +527,26 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
 
     state = abstract_state(params, spec, need_ref, mesh)
     out: list[Program] = []
+    free = None
+    if memory_per_device is not None:     # what sampling finds free: the state and its params
+        free = max(0.0, memory_per_device - device_bytes(state) - device_bytes(params_c))
+    mean_prompt = sh.mean_prompt_len or max(sh.prompt_width // 4, 1)
+
+    def generate(name, phase, prompts, samples, options, max_new, mean_new):
+        if cfg.engine.enabled:
+            es = engine_shape(cfg, mcfg, mesh, prompts=prompts, samples=samples,
+                              width=sh.prompt_width, max_new=max_new, mean_prompt=mean_prompt,
+                              mean_new=mean_new, free_bytes=free)
+            return _engine_programs(rs, graphdef, params_c, name, phase, es, options,
+                                    resident=(state,))
+        return _generate_programs(rs, graphdef, params_c, name, phase, prompts,
+                                  sh.prompt_width, samples, options, max_new, 1.0, mean_new,
+                                  lower_dependent, resident=(state,))
+
     train_opts = sampling.SamplingOptions(cfg.rollout.temperature, cfg.rollout.top_k,
                                           cfg.rollout.top_p)
-    out += _generate_programs(rs, graphdef, params_c, "rollout", "sample", sh.prompts,
-                              sh.prompt_width, sh.group, train_opts, sh.response_len, 1.0,
-                              sh.mean_response_len, lower_dependent, resident=(state,))
+    out += generate("rollout", "sample", sh.prompts, sh.group, train_opts, sh.response_len,
+                    sh.mean_response_len)
 
     minibatches = sh.minibatches
     calls = minibatches * sh.typical_micro_batches      # micro-batch calls per step
@@ -428,9 +650,8 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
         dict(spec=spec), minibatches, 0, 0.0, what="clip + AdamW + teacher update"))
 
     eval_opts = sampling.SamplingOptions(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
-    out += _generate_programs(rs, graphdef, params_c, "eval", "eval", sh.eval_prompts,
-                              sh.prompt_width, sh.eval_samples, eval_opts, sh.eval_response_len,
-                              1.0, sh.eval_response_len / 2, lower_dependent, resident=(state,))
+    out += generate("eval", "eval", sh.eval_prompts, sh.eval_samples, eval_opts,
+                    sh.eval_response_len, sh.eval_response_len / 2)
     return out
 
 

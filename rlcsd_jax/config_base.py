@@ -53,9 +53,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # each device's free memory when sampling starts (TPU / GPU), or enough for every slot at
     # the longest row where the backend reports no limit (CPU).  enabled=False: the static
     # sampler (every row decodes until the longest ends; small jobs and comparisons only).
+    # replicate_weights_fraction: the compute-dtype weight copy the engine decodes with is
+    # replicated on every device (no weight all-gather per decode step) when the whole copy
+    # takes at most this fraction of a device's memory; otherwise (and where the backend
+    # reports no limit) it keeps the training sharding.  0 = never replicate.
     c.engine = ml_collections.ConfigDict(dict(
         enabled=True, max_slots=512, page_size=32, steps_per_call=16, kv_budget_tokens=0,
-        kv_memory_fraction=0.8))
+        kv_memory_fraction=0.8, replicate_weights_fraction=0.25))
 
     # Update loop (§1.7, §5): 16-prompt mini-batches -> 4 optimizer steps per training step.
     c.train = ml_collections.ConfigDict(dict(

@@ -111,10 +111,21 @@ class Trainer:
         return multihost.to_global(tree, self.mesh, leading_axis)
 
     def sampling_params(self):
-        """Compute-dtype copy of the weights for decoding (halves the bytes read per token)."""
+        """Compute-dtype copy of the weights for decoding (halves the bytes read per token),
+        replicated on every device when `setup.replicate_decode_weights` says it is cheap."""
         dtype = jnp.dtype(self.cfg.model.dtype)
-        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                            else x, self.state.params)
+
+        def cast(params):
+            return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                                else x, params)
+        leaves = jax.tree.leaves(self.state.params)
+        copy_bytes = sum(x.size * (dtype.itemsize if jnp.issubdtype(x.dtype, jnp.floating)
+                                   else x.dtype.itemsize) for x in leaves)
+        if setup.replicate_decode_weights(self.cfg, copy_bytes,
+                                          setup.device_memory_limit(self.cfg, self.mesh)):
+            everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            return jax.jit(cast, out_shardings=everywhere)(self.state.params)
+        return cast(self.state.params)
 
     def generate_fn(self, options: sampling.SamplingOptions, max_new_tokens: int):
         """fn(ids, mask, key, num_samples): this process's left-padded prompts [P_local, Pb] ->

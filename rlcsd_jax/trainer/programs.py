@@ -527,9 +527,14 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
 
     state = abstract_state(params, spec, need_ref, mesh)
     out: list[Program] = []
+    decode_params = params_c              # `Trainer.sampling_params`: replicated when cheap
+    if setup.replicate_decode_weights(cfg, bytes_of(params_c), memory_per_device):
+        decode_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+            params_c)
     free = None
     if memory_per_device is not None:     # what sampling finds free: the state and its params
-        free = max(0.0, memory_per_device - device_bytes(state) - device_bytes(params_c))
+        free = max(0.0, memory_per_device - device_bytes(state) - device_bytes(decode_params))
     mean_prompt = sh.mean_prompt_len or max(sh.prompt_width // 4, 1)
 
     def generate(name, phase, prompts, samples, options, max_new, mean_new):
@@ -537,7 +542,7 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
             es = engine_shape(cfg, mcfg, mesh, prompts=prompts, samples=samples,
                               width=sh.prompt_width, max_new=max_new, mean_prompt=mean_prompt,
                               mean_new=mean_new, free_bytes=free)
-            return _engine_programs(rs, graphdef, params_c, name, phase, es, options,
+            return _engine_programs(rs, graphdef, decode_params, name, phase, es, options,
                                     resident=(state,))
         return _generate_programs(rs, graphdef, params_c, name, phase, prompts,
                                   sh.prompt_width, samples, options, max_new, 1.0, mean_new,
@@ -618,9 +623,20 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
         big = teacher_program(big_t, _match_rows(ids_max, big_t.rows, mesh), False)
         big.typical = teacher_program(sh.typical, ids_typ, True)
         big.typical.is_typical = True
-        out.append(big)
-        teacher_max = lower_dependent(big)
-        teacher_typ = lower_dependent(big.typical)
+        if cfg.train.share_teacher_prefixes:
+            # `shared_passes.teacher_pass`: each distinct prefix once, then the responses over
+            # it; the update takes host arrays of the full-row outputs' shapes (put per row).
+            from rlcsd_jax.trainer import shared_programs
+
+            out += shared_programs.teacher_programs(
+                rs, graphdef=graphdef, state=state, spec=spec, shards=devices, sh=sh,
+                lower_dependent=lower_dependent)
+            teacher_max = like_outputs(big.fn, big.args, big.kwargs, mesh)
+            teacher_typ = like_outputs(big.typical.fn, big.typical.args, big.typical.kwargs, mesh)
+        else:
+            out.append(big)
+            teacher_max = lower_dependent(big)
+            teacher_typ = lower_dependent(big.typical)
         # The largest teacher micro-batch can have fewer rows than the largest student one:
         # the update's teacher inputs follow the student micro-batch they belong to.
         teacher_max = _match_rows(teacher_max, sh.student_max.rows, mesh)

@@ -245,6 +245,16 @@ def free_device_memory(mesh) -> float | None:
     return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
+def replicate_decode_weights(cfg, copy_bytes: float, memory_limit: float | None) -> bool:
+    """Whether the engine decodes with a replicated weight copy (`engine.replicate_weights_
+    fraction`): an FSDP-sharded copy is all-gathered at every decode step, which on a small
+    slot count per device reads several times the weights' bytes per token; a replicated one
+    costs `copy_bytes` (the whole copy) on every device instead."""
+    frac = float(cfg.engine.replicate_weights_fraction)
+    return bool(cfg.engine.enabled and frac > 0 and memory_limit
+                and copy_bytes <= frac * memory_limit)
+
+
 def engine_options(cfg, model_config, mesh, free_bytes_per_device: float | None,
                    rows: int) -> dict:
     """`inference.generate_batch` keywords for a job of `rows` output rows (`cfg.engine`).

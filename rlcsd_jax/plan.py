@@ -4,10 +4,11 @@
         [--config.KEY=VALUE ...] [--mean_response_len=N] [--json=OUT]
 
 No TPU is needed: libtpu's compiler (the `tpu` extra) compiles the trainer's own jitted programs
-(sampling prefill and decode, old log-probs, teacher scoring, the update, evaluation) at the
-config's largest shapes for the slice's devices, from abstract shapes only.  For each program it
-prints per-device memory against the chip's HBM, FLOPs and bytes (loops counted by their trip
-counts), a roofline time, tokens/s and MFU; then one training step's estimated time by phase.
+(the rollout engine's prefill and decode, old log-probs, teacher scoring, the update,
+evaluation) at the config's largest shapes for the slice's devices, from abstract shapes only.
+For each program it prints per-device memory against the chip's HBM, FLOPs and bytes (loops
+counted by their trip counts), a roofline time, tokens/s and MFU; then one training step's
+estimated time by phase.
 
 --topology takes gcloud accelerator types: v4-N and v5p-N count TensorCores (v5p-16 = 8 chips),
 v5e-N (or v5litepod-N) and v6e-N count chips.  libtpu's compiler models a v4 chip as two devices

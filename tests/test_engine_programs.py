@@ -151,6 +151,8 @@ def test_decode_compiles_for_a_tpu_slice_with_the_pallas_kernel():
                                   steps_per_call=4, prompt_bucket=256, max_seq_len=2048,
                                   num_samples=2, eos_ids=(2,))
         assert args["static"].attention == "pallas"
+        with jax.set_mesh(mesh):       # heads the kernel cannot tile take the gather path
+            assert paged_attention.resolve("auto", head_dim=32) == "gather"
         with jax.set_mesh(mesh), topology.persistent_cache_off(sl.devices[0]):
             compiled = programs.decode_jit.lower(*args["decode"]).compile()
         text = compiled.as_text()

@@ -147,7 +147,7 @@ class Engine:
                                   pages.pages_per_shard(c.kv_budget_tokens, ps, shards))
         check_prompts(self.prompts, max_new_tokens, ps, pages_per_shard, shards, num_samples)
         with _mesh_context(mesh):
-            attention = paged_attention.resolve(c.attention)
+            attention = paged_attention.resolve(c.attention, self.cfg_model.head_dim)
         table_buckets = (attention == "gather") if c.table_buckets is None else c.table_buckets
         widths = {max_pages}
         if table_buckets:       # max, 1/2, 1/4 of it: at most 3 decode programs per slot count

@@ -59,10 +59,12 @@ def platform() -> str:
     return jax.devices()[0].platform
 
 
-def resolve(attention: str) -> str:
-    """'auto' -> 'pallas' on TPU, 'gather' elsewhere (CPU and GPU)."""
+def resolve(attention: str, head_dim: int | None = None) -> str:
+    """'auto' -> 'pallas' on TPU, 'gather' elsewhere (CPU and GPU) and for heads the TPU kernel
+    does not tile (head_dim not a multiple of 128, e.g. the tiny test models)."""
     if attention == "auto":
-        return "pallas" if platform() == "tpu" else "gather"
+        tiles = head_dim is None or head_dim % 128 == 0
+        return "pallas" if platform() == "tpu" and tiles else "gather"
     if attention not in ("gather", "pallas"):
         raise ValueError(f"paged attention {attention!r}; allowed: auto, gather, pallas")
     return attention

@@ -73,7 +73,7 @@ def abstract_args(cfg, mesh, *, max_slots: int, num_pages: int, page_size: int,
         if n % shards:
             raise ValueError(f"{name}={n} must be a multiple of the {shards} batch shards")
     with jax.set_mesh(mesh):
-        resolved = paged_attention.resolve(attention)
+        resolved = paged_attention.resolve(attention, cfg.head_dim)
     static = programs.EngineStatic(
         page_size=page_size, steps_per_call=steps_per_call, num_samples=num_samples,
         options=options, eos_ids=tuple(int(e) for e in eos_ids), pad_id=pad_id,

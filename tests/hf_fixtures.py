@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
         "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1}
@@ -86,3 +87,40 @@ def real_rows(logits, seqs, width, side):
 
 def files(d):
     return sorted(os.listdir(d))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation parity (tests/test_sampling.py, tests/test_engine.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["qwen3", "olmo3"])
+def pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    cfg = qwen3_config(tied=True) if request.param == "qwen3" else olmo3_config(
+        max_position_embeddings=256)
+    hf = save_hf_model(cfg, d)
+    from rlcsd_jax import models
+
+    return hf, models.load_pretrained(str(d))
+
+
+def hf_greedy(hf, prompts, max_new, eos):
+    """HF `generate` greedy continuations [B, max_new] of left-padded `prompts`."""
+    import torch
+
+    from rlcsd_jax import sampling
+
+    ids, mask = sampling.left_pad(prompts, max(map(len, prompts)))
+    out = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                      do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def strip(row, eos):
+    """`row` up to and including its first token in `eos`."""
+    row = list(row)
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i + 1]
+    return row

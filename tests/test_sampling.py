@@ -7,34 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import olmo3_config, qwen3_config, save_hf_model
+from hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F401 - pair: a fixture
 from rlcsd_jax import models, sampling, sharding
-
-
-@pytest.fixture(scope="module", params=["qwen3", "olmo3"])
-def pair(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    cfg = qwen3_config(tied=True) if request.param == "qwen3" else olmo3_config(
-        max_position_embeddings=256)
-    hf = save_hf_model(cfg, d)
-    return hf, models.load_pretrained(str(d))
-
-
-def hf_greedy(hf, prompts, max_new, eos):
-    import torch
-
-    ids, mask = sampling.left_pad(prompts, max(map(len, prompts)))
-    out = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                      do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)
-    return out[:, ids.shape[1]:].numpy()
-
-
-def strip(row, eos):
-    row = list(row)
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[:i + 1]
-    return row
 
 
 def test_greedy_matches_hf_generate(pair):

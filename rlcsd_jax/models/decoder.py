@@ -134,6 +134,15 @@ class CausalLM(nnx.Module):
         return full, layers.rope_cos_sin(positions, _inv_freq(cfg.rope_sliding, cfg.head_dim),
                                          cfg.rope_sliding.attention_factor)
 
+    @staticmethod
+    def _layer_rope(tables, sliding):
+        """The (cos, sin) of one scanned layer: the sliding layers' tables where `sliding` (a
+        traced bool) and the model has any, else the full layers'."""
+        (cos_f, sin_f), (cos_s, sin_s) = tables
+        if cos_s is None:
+            return cos_f, sin_f
+        return jnp.where(sliding, cos_s, cos_f), jnp.where(sliding, sin_s, sin_f)
+
     def forward_paged(self, input_ids, positions, kv, segment_ids=None):
         """The rollout engine's forward: tokens [B, T] at `positions` [B, T] with a paged KV store.
 
@@ -149,7 +158,7 @@ class CausalLM(nnx.Module):
         seg = (jnp.ones_like(positions) if segment_ids is None
                else segment_ids.astype(jnp.int32))
         inputs = AttentionInputs(positions, positions, seg, seg, right_padded=True)
-        (cos_f, sin_f), (cos_s, sin_s) = self._rope_tables(positions)
+        tables = self._rope_tables(positions)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
         graphdef, stacked = nnx.split(self.layers)
 
@@ -157,10 +166,7 @@ class CausalLM(nnx.Module):
             h, pool = carry
             state, sliding, index = xs
             block = nnx.merge(graphdef, state)
-            cos, sin = cos_f, sin_f
-            if cfg.has_sliding_layers:
-                cos = jnp.where(sliding, cos_s, cos_f)
-                sin = jnp.where(sliding, sin_s, sin_f)
+            cos, sin = self._layer_rope(tables, sliding)
             h, view = block(h, cos, sin, inputs, kv.at_layer(pool, index), None,
                             sliding if cfg.has_sliding_layers else None)
             return (h, view.pool), None
@@ -208,7 +214,7 @@ class CausalLM(nnx.Module):
             inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32),
                                      queries_at_end=queries_at_end)
 
-        (cos_f, sin_f), (cos_s, sin_s) = self._rope_tables(positions)
+        tables = self._rope_tables(positions)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
 
         graphdef, stacked = nnx.split(self.layers)
@@ -216,10 +222,7 @@ class CausalLM(nnx.Module):
         def layer(h, xs):
             state, sliding, layer_cache = xs
             block = nnx.merge(graphdef, state)
-            cos, sin = cos_f, sin_f
-            if cfg.has_sliding_layers:
-                cos = jnp.where(sliding, cos_s, cos_f)
-                sin = jnp.where(sliding, sin_s, sin_f)
+            cos, sin = self._layer_rope(tables, sliding)
             h, layer_cache = block(h, cos, sin, inputs, layer_cache,
                                    None if cache is None else cache.index,
                                    sliding if cfg.has_sliding_layers else None)

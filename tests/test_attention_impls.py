@@ -149,3 +149,75 @@ def test_queries_at_the_end_of_a_cached_prefix(window):
     for impl in (attention_impls.splash_attention, attention_impls.blockwise_attention):
         got = impl(q, k, v, *args, window=window, queries_at_end=True)
         np.testing.assert_allclose(got, ref, **TOL, err_msg=impl.__name__)
+
+
+def shared_prefix_row(t, groups):
+    """A row packing groups (prefix length, [response lengths]) back to back, then padding:
+    (positions, segment ids with each prefix and response its own segment, prefix pass q / k
+    ids, the dense visibility [T, T] a response sees: its group's prefix and itself)."""
+    pos, seg, pq, pk = (np.zeros(t, np.int32) for _ in range(4))
+    group_of, prefix_tok = np.zeros(t, np.int32), np.zeros(t, bool)
+    at, next_seg = 0, 1
+    for g, (p, responses) in enumerate(groups, start=1):
+        pos[at:at + p], seg[at:at + p], pk[at:at + p] = np.arange(p), next_seg, g
+        group_of[at:at + p], prefix_tok[at:at + p] = g, True
+        at, next_seg = at + p, next_seg + 1
+        for n in responses:
+            pos[at:at + n], seg[at:at + n], pq[at:at + n] = np.arange(p, p + n), next_seg, g
+            group_of[at:at + n] = g
+            at, next_seg = at + n, next_seg + 1
+    same_group = (group_of[:, None] == group_of[None, :]) & (group_of[:, None] != 0)
+    own = (seg[:, None] == seg[None, :]) | prefix_tok[None, :]
+    visible = same_group & own & (pos[None, :] <= pos[:, None])
+    return pos, seg, pq, pk, visible
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "splash"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_shared_prefix_rows_equal_the_dense_rule(impl, window):
+    """Groups [prefix | r1 | r2 ...] packed in a row: each response sees its group's prefix and
+    itself (two passes merged by log-sum-exp) exactly as a dense mask of that rule says; splash
+    in interpret mode (its windowed layers go through blockwise)."""
+    if impl == "splash":
+        pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    t = 256
+    rows = [shared_prefix_row(t, [(50, [30, 45]), (20, [40, 11])]),
+            shared_prefix_row(t, [(100, [60]), (7, [3, 5, 9])])]
+    pos, seg, pq, pk, vis = (np.stack(x) for x in zip(*rows))
+    if window is not None:
+        vis &= pos[:, None, :] > pos[:, :, None] - window
+    q, k, v = _qkv(t, t, seed=5)
+    d = q.shape[-1]
+    scores = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, H // KV, axis=2)) * d ** -0.5
+    probs = jax.nn.softmax(jnp.where(vis[:, None], scores, -jnp.inf), axis=-1)
+    ref = jnp.einsum("bhts,bshd->bthd", jnp.nan_to_num(probs), jnp.repeat(v, H // KV, axis=2))
+    a = [jnp.asarray(x) for x in (pos, pos, seg, seg, pq, pk)]
+    got = attention_impls.shared_prefix_attention(impl, q, k, v, *a, window=window)
+    real = (seg != 0)[:, :, None, None]
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), **TOL)
+
+
+def test_blockwise_skips_tiles_between_packed_sequences():
+    """Tiles whose query and key segment ranges do not meet are skipped, not just masked."""
+    t = 128
+    pos, seg = packed(t, [[32, 32, 32, 32]])
+    args = [flash._blocks(jnp.asarray(x), 4, 1) for x in (pos, seg, pos, seg)]
+    need = np.asarray(flash._needed(*args, flash._NONE))
+    np.testing.assert_array_equal(need, np.eye(4, dtype=bool))
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "splash"])
+def test_shared_prefix_rows_with_a_padding_block_stay_finite(impl):
+    """A row whose last query block is all padding (every tile of it skipped in both passes)
+    gives finite outputs everywhere: NaN there would reach the real tokens' values in the next
+    layer (0 * NaN)."""
+    if impl == "splash":
+        pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    t = 256
+    rows = [shared_prefix_row(t, [(60, [40, 20])]), shared_prefix_row(t, [(120, [8])])]
+    pos, seg, pq, pk, _ = (np.stack(x) for x in zip(*rows))
+    q, k, v = _qkv(t, t, seed=6)
+    a = [jnp.asarray(x) for x in (pos, pos, seg, seg, pq, pk)]
+    got = attention_impls.shared_prefix_attention(impl, q, k, v, *a)
+    assert np.isfinite(np.asarray(got)).all()

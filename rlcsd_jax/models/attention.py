@@ -144,6 +144,10 @@ class Attention(nnx.Module):
         own_kv_only = cache is None or paged     # keys are this call's tokens only
 
         def attend(window):
+            if inputs.prefix_q_seg is not None:
+                return attention_impls.shared_prefix_attention(
+                    self.attention_impl, q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg,
+                    inputs.k_seg, inputs.prefix_q_seg, inputs.prefix_k_seg, window=window)
             return impl(q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg, inputs.k_seg,
                         window=window, right_padded=inputs.right_padded and own_kv_only,
                         queries_at_end=inputs.queries_at_end)

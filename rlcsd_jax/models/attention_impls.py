@@ -21,6 +21,15 @@ implementation but the `xla` reference builds a [B, T, S] mask.
                blockwise is as fast as xla at 128 tokens and 17x faster at 8,192, with 1% of
                its memory: `python -m benchmarks.attention`, benchmarks/RESULTS.md).
 
+Shared-prefix rows (`shared_prefix_attention`): a row packs groups [prefix | r1 | r2 | ...] in
+which every response sees its group's prefix and itself, not the other responses.  One segment
+id per token cannot say that, so the layer runs two passes over the same keys and merges them
+by log-sum-exp (`merge`): pass 1 with each prefix and each response its own segment, pass 2
+with each response's queries tagged by its group and only the prefix keys tagged (every
+response position is past every prefix position, so the position rule holds in both).  Only
+`xla`, `blockwise` and `splash` give the log-sum-exp; both passes skip the tiles no query of
+theirs needs (`flash._needed`, `splash._skip_by_segments`).  Forward only (scoring).
+
 `right_padded=True` is the caller's promise that each row is [real tokens | padding] with
 positions 0..n-1 and no cache (T == S): what cuDNN's sequence-length masking needs.
 `queries_at_end=True` promises that the T queries are the last T of the S keys (a continuation
@@ -60,10 +69,8 @@ def visible(q_pos, k_pos, q_seg, k_seg, window: int | None) -> jax.Array:
     return mask
 
 
-def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                  queries_at_end=False):
-    """Dense reference: fp32 scores [B, KV, G, T, S], masked softmax."""
-    del right_padded, queries_at_end
+def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, window):
+    """Dense reference: fp32 scores [B, KV, G, T, S], masked softmax -> (out, lse [B, T, H])."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     mask = visible(q_pos, k_pos, q_seg, k_seg, window)
@@ -72,7 +79,17 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_pad
     scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    lse = jnp.where(jnp.any(mask, -1)[:, None, None], jax.nn.logsumexp(scores, axis=-1),
+                    flash.EMPTY_LSE)                                   # [B, KV, G, T]
+    return (out.reshape(b, t, h, d).astype(q.dtype),
+            lse.transpose(0, 3, 1, 2).reshape(b, t, h))
+
+
+def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                  queries_at_end=False):
+    """Dense reference: fp32 scores [B, KV, G, T, S], masked softmax."""
+    del right_padded, queries_at_end
+    return _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, window)[0]
 
 
 def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
@@ -111,12 +128,16 @@ def cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_p
         implementation=implementation)
 
 
-def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                   queries_at_end=False):
-    platform = jax.devices()[0].platform
+def _platform() -> str:
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.abstract_device is not None:
-        platform = mesh.abstract_device.platform     # compiling for a TPU slice on a CPU host
+        return mesh.abstract_device.platform         # compiling for a TPU slice on a CPU host
+    return jax.devices()[0].platform
+
+
+def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
+                   queries_at_end=False):
+    platform = _platform()
     if platform == "tpu":
         impl = splash_attention
     elif platform == "gpu" or platform == "cuda":
@@ -134,6 +155,53 @@ ATTENTION_IMPLS: dict[str, Callable] = {
     "cudnn": cudnn_attention,
     "auto": auto_attention,
 }
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from each set's (out [B, T, H, D],
+    lse [B, T, H]): the softmax weights of each pass rescaled by its share of the total mass."""
+    m = jnp.maximum(lse_a, lse_b)
+    wa, wb = jnp.exp(lse_a - m)[..., None], jnp.exp(lse_b - m)[..., None]
+
+    def term(out, w):   # a pass whose tiles were all skipped may leave 0 / 0 where w == 0
+        return jnp.where(w > 0, out.astype(jnp.float32) * w, 0.0)
+
+    out = (term(out_a, wa) + term(out_b, wb)) / jnp.maximum(wa + wb, 1e-30)
+    return out.astype(out_a.dtype)
+
+
+def _with_lse(name: str, window) -> Callable:
+    """The (out, lse) form of implementation `name` for self-attention rows (T == S)."""
+    if name == "auto":
+        name = "splash" if _platform() == "tpu" else "blockwise"
+    if name == "splash":
+        from rlcsd_jax.models import splash
+
+        # The kernel's window is an index mask; in a shared-prefix row the index distance from
+        # a response to its prefix is not the position distance.  Splash serves full layers.
+        if window is None:
+            return lambda q, k, v, qp, kp, qs, ks: splash.splash_attention(
+                q, k, v, qs, ks, with_lse=True) if splash.supports(q.shape[1]) else (
+                flash.blockwise_attention_lse(q, k, v, qp, kp, qs, ks))
+        _log_once("attention: splash cannot window shared-prefix rows; sliding layers use "
+                  "blockwise")
+        name = "blockwise"
+    if name == "cudnn":
+        _log_once("attention: cudnn returns no log-sum-exp; shared-prefix rows use blockwise")
+        name = "blockwise"
+    if name == "xla":
+        return lambda *a: _xla(*a, window)
+    return lambda *a: flash.blockwise_attention_lse(*a, window=window)
+
+
+def shared_prefix_attention(name: str, q, k, v, q_pos, k_pos, q_seg, k_seg, prefix_q_seg,
+                            prefix_k_seg, *, window=None):
+    """Attention of a shared-prefix row (module doc): pass 1 over (q_seg, k_seg), pass 2 over
+    (prefix_q_seg, prefix_k_seg), merged.  All [B, T] / [B, S] int32, T == S."""
+    attend = _with_lse(name, window)
+    out_a, lse_a = attend(q, k, v, q_pos, k_pos, q_seg, k_seg)
+    out_b, lse_b = attend(q, k, v, q_pos, k_pos, prefix_q_seg, prefix_k_seg)
+    return merge(out_a, lse_a, out_b, lse_b)
 
 
 def get(name: str) -> Callable:

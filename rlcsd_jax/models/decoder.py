@@ -179,7 +179,7 @@ class CausalLM(nnx.Module):
     def hidden_states(self, input_ids, attention_mask=None, positions=None,
                       cache: KVCache | None = None, return_all: bool = False, *,
                       segment_ids=None, right_padded: bool = False,
-                      queries_at_end: bool = False):
+                      queries_at_end: bool = False, prefix_segments=None):
         """Final-normed hidden states [B, T, d] and the updated cache.
 
         attention_mask [B, T] marks real tokens (any padding side); or segment_ids [B, T] (0 =
@@ -207,8 +207,13 @@ class CausalLM(nnx.Module):
         positions = positions.astype(jnp.int32)
         if cache is None:
             k_pos, k_valid = positions, q_seg != 0
-            inputs = AttentionInputs(positions, positions, q_seg, q_seg, right_padded)
+            shared = (None, None) if prefix_segments is None else tuple(
+                x.astype(jnp.int32) for x in prefix_segments)
+            inputs = AttentionInputs(positions, positions, q_seg, q_seg, right_padded,
+                                     prefix_q_seg=shared[0], prefix_k_seg=shared[1])
         else:
+            if prefix_segments is not None:
+                raise ValueError("prefix_segments is for rows without a cache")
             k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1)
             k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, q_seg != 0, cache.index, 1)
             inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32),

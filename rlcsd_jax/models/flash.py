@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 
 _NONE = jnp.iinfo(jnp.int32).max // 2      # "no window": farther than any position
+# Log-sum-exp of a query that sees no key: finite (merging two passes of such a query gives a
+# finite, ignored output) and far below any real one.
+EMPTY_LSE = -1e30
 
 
 def _pad_to(x, axis: int, size: int, value=0):
@@ -42,16 +45,25 @@ def _tile_mask(qp, qs, kp, ks, window):
     return same & causal & inside
 
 
+def _range(x, real):
+    """min / max of x over the real entries of each block: [n, B, b] -> two [n, B]."""
+    big = jnp.iinfo(jnp.int32).max // 4
+    return (jnp.min(jnp.where(real, x, big), axis=-1),
+            jnp.max(jnp.where(real, x, -big), axis=-1))
+
+
 def _needed(qp, qs, kp, ks, window):
     """[nq, nk] bool: does any query of block i see any key of block j (in any row)?
 
-    qp, qs: [nq, B, bq]; kp, ks: [nk, B, bk].  Block-level bounds over the real tokens only."""
-    big = jnp.iinfo(jnp.int32).max // 4
-    q_lo = jnp.min(jnp.where(qs != 0, qp, big), axis=-1)          # [nq, B]
-    q_hi = jnp.max(jnp.where(qs != 0, qp, -big), axis=-1)
-    k_lo = jnp.min(jnp.where(ks != 0, kp, big), axis=-1)          # [nk, B]
-    k_hi = jnp.max(jnp.where(ks != 0, kp, -big), axis=-1)
+    qp, qs: [nq, B, bq]; kp, ks: [nk, B, bk].  Block-level bounds over the real tokens only:
+    the position bounds (causal, window) and the segment-id ranges, which must intersect for
+    a query and a key to share a segment (packed rows skip the tiles between sequences)."""
+    q_lo, q_hi = _range(qp, qs != 0)                              # [nq, B]
+    k_lo, k_hi = _range(kp, ks != 0)                              # [nk, B]
+    qs_lo, qs_hi = _range(qs, qs != 0)
+    ks_lo, ks_hi = _range(ks, ks != 0)
     ok = (k_lo[None, :, :] <= q_hi[:, None, :]) & (k_hi[None, :, :] > q_lo[:, None, :] - window)
+    ok &= (ks_lo[None, :, :] <= qs_hi[:, None, :]) & (ks_hi[None, :, :] >= qs_lo[:, None, :])
     return jnp.any(ok, axis=-1)
 
 
@@ -82,6 +94,11 @@ def _unblock_q(x, t):
     nq, b, kvh, g, bq, d = x.shape
     x = jnp.moveaxis(x, 0, 3).reshape(b, kvh, g, nq * bq, d)[:, :, :, :t]
     return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * g, d)
+
+
+def _unblock_lse(x, t):
+    """[nq, B, KV, G, bq] -> [B, T, H]."""
+    return _unblock_q(x[..., None], t)[..., 0]
 
 
 def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
@@ -116,7 +133,7 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
             0, nk, lambda j, c: jax.lax.cond(need_i[j], tile, lambda _, c: c, j, c), init)
         out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(
-            jnp.where(l > 0, l, 1.0)), 0.0)
+            jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
         return out.astype(q.dtype), lse
 
     out, lse = jax.lax.map(one_q_block, (blk["q"], blk["qp"], blk["qs"], need))
@@ -200,3 +217,15 @@ def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int | No
     return _flash(q, k, v, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
                   q_seg.astype(jnp.int32), k_seg.astype(jnp.int32), w,
                   _block(q.shape[1], q_block), _block(k.shape[1], kv_block))
+
+
+def blockwise_attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int | None = None,
+                            q_block: int = 512, kv_block: int = 512):
+    """(out [B, T, H, D], lse [B, T, H] fp32): the attention and the log-sum-exp of each query's
+    visible scaled scores (EMPTY_LSE where it sees nothing), for merging passes over disjoint
+    key sets (`attention_impls.merge`).  Forward only: callers score, they do not differentiate."""
+    w = _NONE if window is None else int(window)
+    bq, bk = _block(q.shape[1], q_block), _block(k.shape[1], kv_block)
+    out, lse, _, _ = _forward(q, k, v, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
+                              q_seg.astype(jnp.int32), k_seg.astype(jnp.int32), w, bq, bk)
+    return out, _unblock_lse(lse, q.shape[1])

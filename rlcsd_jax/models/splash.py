@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 # per-step overhead where VMEM allows (v5e and v6e have 128 MiB of VMEM per core, v5p 64 MiB).
 _BLOCKS = {"TPU v6": 1024, "TPU v5 lite": 1024, "TPU v5": 512, "TPU v4": 512}
 _MIN_BLOCK = 128
+EMPTY_LSE = -1e30          # = flash.EMPTY_LSE: the log-sum-exp of a query that sees nothing
 
 
 def supports(q_len: int, kv_len: int | None = None) -> bool:
@@ -51,7 +52,7 @@ def _block(length: int, kind: str) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _kernel(heads: int, q_len: int, kv_len: int, window: int | None, block_q: int,
-            block_kv: int, interpret: bool):
+            block_kv: int, interpret: bool, save_residuals: bool = False):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
 
@@ -63,7 +64,35 @@ def _kernel(heads: int, q_len: int, kv_len: int, window: int | None, block_q: in
         block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
         block_kv_dq=block_kv)
     return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), block_sizes=sizes,
-                                      head_shards=1, q_seq_shards=1, interpret=interpret)
+                                      head_shards=1, q_seq_shards=1, interpret=interpret,
+                                      save_residuals=save_residuals)
+
+
+def _skip_by_segments(kernel, q_seg, k_seg, block_q: int, block_kv: int):
+    """`kernel` (forward only) with the tiles whose query and key segment-id ranges do not
+    intersect marked empty, for one row (q_seg [T], k_seg [S]).  The kernel's block mask is
+    static (causal / local); this makes it data dependent, so a row packing many sequences
+    computes about the tiles its sequences need instead of the whole causal triangle."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib)
+
+    def ranges(seg, block):
+        blocks = seg.reshape(-1, block)
+        real = blocks != 0
+        big = jnp.iinfo(jnp.int32).max // 4
+        return (jnp.min(jnp.where(real, blocks, big), -1),
+                jnp.max(jnp.where(real, blocks, -big), -1))
+
+    q_lo, q_hi = ranges(q_seg, block_q)                                   # [nq]
+    k_lo, k_hi = ranges(k_seg, block_kv)                                  # [nk]
+    info = kernel.fwd_mask_info
+    # The grid's kv axis may be shrunk to the live tiles: data_next gives each step's kv block.
+    kv_block = info.data_next.astype(jnp.int32)                           # [h, nq, grid_kv]
+    rows = jnp.arange(kv_block.shape[1])[None, :, None]
+    live = (k_lo[kv_block] <= q_hi[rows]) & (k_hi[kv_block] >= q_lo[rows])
+    block_mask = jnp.where(live, info.block_mask, 0).astype(info.block_mask.dtype)
+    return kernel_lib.SplashAttentionKernel(info._replace(block_mask=block_mask), None, None,
+                                            **kernel.kwargs)
 
 
 def block_density(q_len: int, block_q: int, window: int | None, kv_len: int | None = None,
@@ -88,9 +117,13 @@ def block_density(q_len: int, block_q: int, window: int | None, kv_len: int | No
 SCOPE = "splash_b{b}_h{h}_kv{kv}_t{t}_s{s}_d{d}_density{density:.6f}"
 
 
-def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
+def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None,
+                     with_lse: bool = False):
     """q [B, T, H, D], k / v [B, S, KV, D] (S >= T, queries the last T keys), segment ids
-    [B, T] / [B, S] -> [B, T, H, D]."""
+    [B, T] / [B, S] -> [B, T, H, D].
+
+    with_lse=True (forward only: scoring two passes to merge, `attention_impls.merge`) returns
+    (out, lse [B, T, H] fp32) and skips the tiles whose segment ranges do not meet."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
         SegmentIds)
 
@@ -108,20 +141,34 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None):
     tensor = 1 if mesh.empty else mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tensor > 1 and h % tensor == 0 and kvh % tensor == 0 else None
 
+    def one_row(kernel, q_, k_, v_, s1, s2):
+        if not with_lse:
+            return kernel(q_, k_, v_, SegmentIds(s1, s2))
+        # The kernel matches segment ids as they are: padding (0) must match nothing here,
+        # where a query without keys has to come out empty (its pass gets no weight).
+        ids = SegmentIds(jnp.where(s1 == 0, -1, s1), jnp.where(s2 == 0, -2, s2))
+        out, (lse,) = _skip_by_segments(kernel, s1, s2, block_q, block_kv)(q_, k_, v_, ids)
+        # A query block whose tiles were all skipped ends with l = 0: lse -inf, out 0 / 0.
+        empty = ~jnp.isfinite(lse)
+        return jnp.where(empty[..., None], 0, out), jnp.where(empty, EMPTY_LSE, lse)
+
     def local(qt, kt, vt, qs, ks):
-        kernel = _kernel(qt.shape[1], t, s, window, block_q, block_kv, interpret)
+        kernel = _kernel(qt.shape[1], t, s, window, block_q, block_kv, interpret, with_lse)
         scope = SCOPE.format(b=qt.shape[0], h=qt.shape[1], kv=kt.shape[1], t=t, s=s, d=d,
                              density=block_density(t, block_q, window, s, block_kv))
         with jax.named_scope(scope):
-            return jax.vmap(lambda q_, k_, v_, s1, s2: kernel(q_, k_, v_, SegmentIds(s1, s2)))(
-                qt, kt, vt, qs, ks)
+            return jax.vmap(functools.partial(one_row, kernel))(qt, kt, vt, qs, ks)
 
     if mesh.empty or mesh.size == 1:
         out = local(qt, kt, vt, q_seg, k_seg)
     else:
         rows = ("data", "fsdp")
         heads = P(rows, head_axis, None, None)
+        out_specs = (heads, P(rows, head_axis, None)) if with_lse else heads
         out = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, P(rows, None),
                                                         P(rows, None)),
-                            out_specs=heads, check_vma=False)(qt, kt, vt, q_seg, k_seg)
+                            out_specs=out_specs, check_vma=False)(qt, kt, vt, q_seg, k_seg)
+    if with_lse:
+        out, lse = out                                      # [B, heads, T, D], [B, heads, T]
+        return out.transpose(0, 2, 1, 3).astype(q.dtype), lse.transpose(0, 2, 1)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)

@@ -42,7 +42,9 @@ class AttentionInputs:
     """Who sees whom, shared by every layer: q_pos / q_seg [B, T], k_pos / k_seg [B, S] int32
     (segment 0 = padding).  right_padded (static): rows are [real | padding] with positions
     0..n-1 and no cache, the layout cuDNN's length masks need.  queries_at_end (static): the T
-    queries are the last T of the S keys (a continuation over a cached prefix)."""
+    queries are the last T of the S keys (a continuation over a cached prefix).  prefix_q_seg /
+    prefix_k_seg [B, T] / [B, S]: a shared-prefix row's second pass (responses see their
+    group's prefix: `attention_impls.shared_prefix_attention`), None otherwise."""
 
     q_pos: jax.Array
     k_pos: jax.Array
@@ -50,6 +52,8 @@ class AttentionInputs:
     k_seg: jax.Array
     right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
     queries_at_end: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    prefix_q_seg: jax.Array | None = None
+    prefix_k_seg: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass

@@ -1,9 +1,9 @@
 """`python -m benchmarks.teacher_tokens [--seeds 0,1,2] [--topology v5p-16] [--out RESULTS.md]`.
 
 Teacher-scoring work of one RLCSD training step on a simulated reference workload (issue 19):
-how many tokens full-row scoring computes against scoring each distinct prefix once
-(`trainer.shared_scoring`), and with --topology the planner's roofline time of both paths for
-Qwen3-1.7B (`trainer.shared_programs` vs programs.build's "score/teacher").
+how many tokens full-row scoring computes against shared-prefix rows (`trainer.shared_scoring`),
+and with --topology the planner's roofline time of both paths for Qwen3-1.7B
+(`trainer.shared_programs` vs programs.build's full-row "score/teacher").
 
 The workload (per step, the reference config: 64 prompts x G = 8, 16-prompt mini-batches,
 k_max = 4 wrong hints, self-rollout hints, teacher_max_len = micro_batch_tokens = 40,960):
@@ -31,16 +31,17 @@ Counted per step:
                rule before the 2,048-token steps above 8k); "no pad" without padding;
   full, trainer  `microbatch.plan` of each mini-batch (8 devices, 40,960 tokens per device):
                C x rows x width of every micro-batch, what `teacher/tokens_computed` counts;
-  shared       `shared_scoring.plan(rows, shards=8, budget=40960).counters()` per mini-batch
-               (and of the whole step's rows in one plan, for comparison);
-  proposed     `proposed_plan`: the plan with the change RESULTS.md proposes (each block's
-               prefixes longest first, unit shapes chosen across the blocks within the budget,
-               continuation widths in steps of RESPONSE_STEP).
+  shared       `shared_scoring.plan(rows, shards=8, budget=40960).counters()` per mini-batch,
+               as the trainer runs it, with where its padding goes: the ends of packed rows,
+               the empty rows of each mini-batch's last call, and prefixes computed twice (a
+               group cut into two pieces, or split between two mini-batches);
+  tiles        the share of attention tiles (512 x 512) the two passes of the packed rows
+               compute (`shared_programs.tile_density` over every call's rows).
 FLOPs are `planner.flops` model FLOPs of Qwen3-1.7B (a continuation over a prefix of P tokens:
-the attention of the last T queries of a causal row of P + T).  --topology compiles
-`trainer.shared_programs` (typical twins from the simulated plans, in equivalent calls) and the
-full-row "score/teacher" of `programs.build` (sharing off) with libtpu, for roofline seconds of
-the teacher-scoring phase per step and memory per device (`compile_report`).
+the attention of the last T queries of a causal row of P + T).  --topology compiles the full-row
+"score/teacher" of `programs.build` (sharing off) and `trainer.shared_programs` with the
+simulated plans' numbers (`typical_from`), for roofline seconds of the teacher-scoring phase
+per step and memory per device (`compile_report`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import types
 
 import numpy as np
 
-from rlcsd_jax.data.packing import bucket_length, default_bucket
+from rlcsd_jax.data.packing import bucket_length
 from rlcsd_jax.planner import flops as flops_lib
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import microbatch, setup
@@ -69,7 +70,6 @@ PROMPT_MEDIAN, PROMPT_SIGMA, PROMPT_MIN, PROMPT_MAX = 220, 0.45, 100, 600
 RESPONSE_MEDIAN, RESPONSE_MEAN = 2400, 3400
 CORRECT_BETA = (0.8, 0.9)
 TEMPLATE_TOKENS = shared_programs.TEMPLATE_TOKENS
-RESPONSE_STEP = 512             # the proposed continuation width step
 
 
 @dataclasses.dataclass
@@ -135,81 +135,33 @@ class _Rollouts:
         return self._responses[row]
 
 
-def _continuation_flops(mcfg, rows: int, prefix: int, t: int) -> float:
-    return shared_programs.continuation_flops(mcfg, rows, prefix, t)
-
-
-def response_bucket(n: int, step: int = RESPONSE_STEP) -> int:
-    """The proposed continuation width rule: the default bucket up to `step`, then multiples of
-    `step` (the default rule's powers of two waste up to half of a 4k-8k response)."""
-    return default_bucket(n) if n <= step else -(-n // step) * step
-
-
-def proposed_plan(rows: list, *, shards: int, budget: int, buckets=None,
-                  step: int = RESPONSE_STEP) -> shared.Plan:
-    """`shared_scoring.plan` with the changes proposed in RESULTS.md (single process): each
-    block's prefixes longest first and every unit's shape chosen across the blocks (width =
-    bucket of the longest next prefix of any block, N = min(budget // width, pow2(prefixes
-    left))), so N x P <= max(budget, P); continuation widths by `response_bucket`."""
-    by_prefix: dict = {}
-    for i, row in enumerate(rows):
-        by_prefix.setdefault(row.prefix, []).append(i)
-    cost = {p: len(p) + sum(len(rows[i].response) for i in ids) for p, ids in by_prefix.items()}
-    blocks, load = [[] for _ in range(shards)], [0] * shards
-    for p in sorted(by_prefix, key=lambda p: -cost[p]):
-        b = int(np.argmin(load))
-        blocks[b].append(p)
-        load[b] += cost[p]
-    blocks = [sorted(b, key=len, reverse=True) for b in blocks]
-    pointer, units = [0] * shards, []
-    while max(len(b) - p for b, p in zip(blocks, pointer)) > 0:
-        width = bucket_length(max(len(b[p]) for b, p in zip(blocks, pointer) if p < len(b)),
-                              buckets)
-        left = max(len(b) - p for b, p in zip(blocks, pointer))
-        n = min(max(1, budget // width), _pow2(left))
-        members = [b[p:p + n] for b, p in zip(blocks, pointer)]
-        pointer = [p + n for p in pointer]
-        unit_rows = [[i for p in m for i in by_prefix[p]] for m in members]
-        order = [sorted(b, key=lambda i: -len(rows[i].response)) for b in unit_rows]
-        at, calls = [0] * shards, []
-        while max(len(o) - a for o, a in zip(order, at)) > 0:
-            t = response_bucket(max(len(rows[o[a]].response)
-                                    for o, a in zip(order, at) if a < len(o)), step)
-            r = min(max(1, budget // (width + t)),
-                    _pow2(max(len(o) - a for o, a in zip(order, at))))
-            calls.append(shared.Call([o[a:a + r] for o, a in zip(order, at)], r, t))
-            at = [a + r for a in at]
-        units.append(shared.Unit(members, n, width, calls))
-    return shared.Plan(rows, units, shards)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _plan_stats(mcfg, plans: list) -> dict:
-    """Tokens, model FLOPs (padded shapes) and call shapes of a step's plans."""
-    out = dict(computed=0.0, prefix_tokens=0.0, cont_tokens=0.0, flops_prefix=0.0,
-               flops_cont=0.0, units=[], calls=[], max_unit_tokens=0, max_cont_tokens=0)
+def shared_stats(mcfg, plans: list, pad_id: int = 0) -> dict:
+    """Tokens, where the padding goes, tile density and padded model FLOPs of a step's plans."""
+    out = dict(computed=0.0, calls=0, row_end=0.0, empty_rows=0.0, pieces=0, tiles=[],
+               widths=[], scored=[], flops=0.0)
     for p in plans:
         out["computed"] += p.counters()["tokens_computed"]
-        for u in p.units:
-            out["units"].append((u.per_block, u.width))
-            out["prefix_tokens"] += p.shards * u.per_block * u.width
-            out["max_unit_tokens"] = max(out["max_unit_tokens"], u.per_block * u.width)
+        for call in p.calls:
+            out["calls"] += 1
+            out["widths"].append(p.width)
+            out["scored"].append(call.scored)
+            arrays, _ = shared.call_arrays(call, p, pad_id)
+            used = (arrays["segment_ids"] != 0).sum(-1)
+            filled = [m for m in call.packed if m]
+            out["pieces"] += sum(len(m) for m in filled)
+            out["row_end"] += float(sum(p.width - u for u, m in zip(used, call.packed) if m))
+            out["empty_rows"] += float(sum(p.width for m in call.packed if not m))
+            density = shared_programs.tile_density(
+                arrays["segment_ids"], arrays["prefix_q_seg"], arrays["prefix_k_seg"])
+            out["tiles"].append(density)
             if mcfg is not None:
-                out["flops_prefix"] += shared_programs.prefix_flops(
-                    mcfg, p.shards * u.per_block, u.width)
-            for c in u.calls:
-                out["calls"].append((c.rows_per_block, u.width, c.width))
-                out["cont_tokens"] += p.shards * c.rows_per_block * c.width
-                out["max_cont_tokens"] = max(out["max_cont_tokens"],
-                                             c.rows_per_block * (u.width + c.width))
-                if mcfg is not None:
-                    out["flops_cont"] += _continuation_flops(
-                        mcfg, p.shards * c.rows_per_block, u.width, c.width)
-    out["breakdown"] = _padding_breakdown(plans, plans[0].shards if plans else SHARDS)
-    out["shapes"] = len(set(out["units"])) + len(set(out["calls"]))
+                rows = len(call.packed)
+                linear = 2.0 * flops_lib.body_matmul_params(mcfg) * p.width * rows
+                head = 2.0 * flops_lib.head_params(mcfg) * call.scored * rows
+                # both passes, each the computed share of the full square of tiles
+                square = 2.0 * flops_lib.attention_flops(mcfg, rows, p.width)
+                out["flops"] += linear + head + 2 * density * square
+    out["tile_density"] = float(np.mean(out["tiles"])) if out["tiles"] else 0.0
     return out
 
 
@@ -228,7 +180,7 @@ def count_step(seed: int, mcfg=None, *, step: int = 0, shards: int = SHARDS,
                response_p50=float(np.median(w.response_len)),
                at_cap=int((w.response_len >= CAP).sum()),
                prompt_mean=float(w.prompt_len.mean()))
-    all_rows, current, proposed, pos = [], [], [], 0
+    all_rows, plans, pos = [], [], 0
     full = dict(full_rows=0.0, full_pow2=0.0, full_nopad=0.0, full_valid_nopad=0.0,
                 full_trainer=0.0, full_trainer_pow2=0.0, flops_full_rows=0.0,
                 flops_full_valid=0.0, flops_full_trainer=0.0)
@@ -238,8 +190,7 @@ def count_step(seed: int, mcfg=None, *, step: int = 0, shards: int = SHARDS,
         pos += len(rows)
         trows = shared.teacher_rows(ro, ctx, rows, positions, max_len=TEACHER_MAX_LEN)
         all_rows += trows
-        current.append(shared.plan(trows, shards=shards, budget=budget))
-        proposed.append(proposed_plan(trows, shards=shards, budget=budget))
+        plans.append(shared.plan(trows, shards=shards, budget=budget))
         # full rows: 1 + K slots per rollout, empty wrong slots filled with a copy
         by_rollout: dict = {}
         for r in trows:
@@ -277,24 +228,20 @@ def count_step(seed: int, mcfg=None, *, step: int = 0, shards: int = SHARDS,
     prefixes = {r.prefix for r in all_rows}
     out["contexts"] = len(all_rows)
     out["prefixes"] = len(prefixes)
-    out["prefixes_minibatch"] = sum(len({r.prefix for r in p.rows}) for p in current)
     out["useful"] = shared.useful_tokens(all_rows)
     out["useful_prefix"] = float(sum(len(p) for p in prefixes))
     out["useful_cont"] = out["useful"] - out["useful_prefix"]
-    out["useful_minibatch"] = sum(p.counters()["tokens_useful"] for p in current)
-    out["shared_step_plan"] = shared.plan(all_rows, shards=shards,
-                                          budget=budget).counters()["tokens_computed"]
-    out["current"] = _plan_stats(mcfg, current)
-    out["proposed"] = _plan_stats(mcfg, proposed)
-    out["shared"] = out["current"]["computed"]
+    out["shared"] = shared_stats(mcfg, plans)
+    sh = out["shared"]
+    # prefix tokens computed more than once: pieces beyond one per distinct prefix
+    piece_prefix = sum(len(pc.prefix) for p in plans for c in p.calls for m in c.packed
+                       for pc in m)
+    sh["duplicated_prefix"] = float(piece_prefix - out["useful_prefix"])
     if mcfg is not None:
-        out["flops_useful_prefix"] = sum(shared_programs.prefix_flops(mcfg, 1, len(p))
-                                         for p in prefixes)
-        out["flops_useful_cont"] = sum(_continuation_flops(mcfg, 1, len(r.prefix),
-                                                           len(r.response)) for r in all_rows)
-        out["flops_useful"] = out["flops_useful_prefix"] + out["flops_useful_cont"]
-        for kind in ("current", "proposed"):
-            out[f"flops_{kind}"] = out[kind]["flops_prefix"] + out[kind]["flops_cont"]
+        out["flops_useful"] = (
+            sum(shared_programs.prefix_flops(mcfg, 1, len(p)) for p in prefixes)
+            + sum(shared_programs.continuation_flops(mcfg, 1, len(r.prefix), len(r.response))
+                  for r in all_rows))
     return out
 
 
@@ -306,62 +253,33 @@ class _StudentLengths:
         self.group_size, self.lengths = group, w.response_len
 
 
-def _padding_breakdown(plans, shards: int) -> dict:
-    """Where the shared plans' computed tokens beyond the useful ones go: prefix batches'
-    width padding (bucket of the batch's longest), their empty slots (N rounded to a power of
-    two, blocks with fewer prefixes), continuation width padding and empty row slots."""
-    out = dict(prefix_real=0.0, prefix_width_pad=0.0, prefix_empty_slots=0.0,
-               cont_real=0.0, cont_width_pad=0.0, cont_empty_slots=0.0, duplicated_prefix=0.0)
-    for p in plans:
-        for u in p.units:
-            for m in u.prefixes:
-                out["prefix_real"] += sum(len(x) for x in m)
-                out["prefix_width_pad"] += sum(u.width - len(x) for x in m)
-                out["prefix_empty_slots"] += (u.per_block - len(m)) * u.width
-            for c in u.calls:
-                for b in c.rows:
-                    out["cont_real"] += sum(len(p.rows[i].response) for i in b)
-                    out["cont_width_pad"] += sum(c.width - len(p.rows[i].response) for i in b)
-                    out["cont_empty_slots"] += (c.rows_per_block - len(b)) * c.width
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Typical shapes and the compiled programs (--topology)
 # ----------------------------------------------------------------------------------------------
 
 
-def typical_from(results: list[dict], kind: str, mcfg, shards: int = SHARDS):
-    """`shared_programs.SharedTypical` of the simulated steps under plan `kind` ("current" or
-    "proposed"): the unit / call shape holding the most padded tokens over the seeds, its calls
-    per step in equivalent calls (mean padded model FLOPs of that kind / one call's), useful
-    tokens and FLOPs per equivalent call (per-step means)."""
-    def mode(key, tokens):
-        weight: dict = {}
-        for r in results:
-            for shape in r[kind][key]:
-                weight[shape] = weight.get(shape, 0) + tokens(shape)
-        return max(weight, key=weight.get)
+def typical_from(results: list[dict], mcfg) -> shared_programs.SharedTypical:
+    """`shared_programs.SharedTypical` of the simulated steps: the most common row width and
+    scored width, calls per step (mean), useful tokens and model FLOPs per call (per-step
+    means over the calls), the mean tile density."""
+    def mode(key):
+        values = [v for r in results for v in r["shared"][key]]
+        return max(set(values), key=values.count)
 
     mean = lambda f: float(np.mean([f(r) for r in results]))  # noqa: E731
-    n, p = mode("units", lambda s: s[0] * s[1])
-    per_call = shared_programs.prefix_flops(mcfg, shards * n, p)
-    calls = mean(lambda r: r[kind]["flops_prefix"]) / per_call
-    prefix = shared_programs.CallShape(n, p, 0, calls, mean(lambda r: r["useful_prefix"]) / calls,
-                                       mean(lambda r: r["flops_useful_prefix"]) / calls)
-    # continuations over the typical prefix unit's width (their cache is that unit's)
-    rb, _, t = mode("calls", lambda s: s[0] * s[2] if s[1] == p else 0)
-    per_call = _continuation_flops(mcfg, shards * rb, p, t)
-    calls = mean(lambda r: r[kind]["flops_cont"]) / per_call
-    cont = shared_programs.CallShape(rb, p, t, calls, mean(lambda r: r["useful_cont"]) / calls,
-                                     mean(lambda r: r["flops_useful_cont"]) / calls)
-    return shared_programs.SharedTypical(prefix, cont, source=f"simulated, {kind} plan")
+    calls = mean(lambda r: r["shared"]["calls"])
+    return shared_programs.SharedTypical(
+        width=mode("widths"), scored=mode("scored"), calls=calls,
+        tokens=mean(lambda r: r["useful"]) / calls,
+        model_flops=mean(lambda r: r["flops_useful"]) / calls,
+        tile_density=mean(lambda r: r["shared"]["tile_density"]),
+        source="simulated plans")
 
 
 def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[str], dict]:
-    """Compile the shared teacher programs (largest shapes, typical twins of the current and
-    the proposed plan) and the full-row "score/teacher" for the slice; roofline seconds of the
-    teacher-scoring phase per step, memory per device against the compiler's budget."""
+    """Compile the shared teacher program (largest shape, typical twin from the simulation)
+    and the full-row "score/teacher" for the slice; roofline seconds of the teacher-scoring
+    phase per step, memory per device against the compiler's budget."""
     from rlcsd_jax import plan as plan_mod
     from rlcsd_jax import sharding
     from rlcsd_jax.planner import compile as compile_lib, topology
@@ -373,7 +291,6 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     rs = plan_mod.run_setup_for(cfg, mesh)
     mcfg = rs.model_config
     budget = topology.hbm_budget(sl)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     mean_len = int(round(np.mean([r["response_mean"] for r in results])))
     memo: dict = {}
 
@@ -385,18 +302,12 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
             print(f"compiled {p.name} [{p.what}] in {time.perf_counter() - t0:.0f}s", flush=True)
         return memo[key]
 
-    def lower_dependent(p):
-        m = measure(p)
-        if m.compiled is None:
-            raise RuntimeError(f"{p.name}: {m.error or 'does not fit'}")
-        return compile_lib._out_info(m.compiled)
-
     lines = [f"Compiled for {sl.describe()} (libtpu, abstract shapes), Qwen3-1.7B, mesh "
              f"{dict(mesh.shape)}, compiler HBM budget {budget / 2**30:.2f} GiB per device; "
              f"roofline = max(FLOPs / {sl.chip.peak_flops / 1e12:.0f} TFLOP/s, bytes / "
              f"{sl.chip.hbm_bandwidth / 1e9:.0f} GB/s) per device, loops counted "
-             f"(`planner.hlo_cost`); per step = Σ calls × seconds per call of the typical "
-             f"twins (equivalent calls: the plan's padded model FLOPs / one call's).", "",
+             f"(`planner.hlo_cost`, splash priced at its tile density); per step = Σ calls × "
+             f"seconds per call of the typical twins.", "",
              "| path | program | typical shape (largest) | calls / step | TFLOP / call | GB / call "
              "| compute s / call | memory s / call | bound | roofline s / step | compute-only s "
              "/ step | memory / device, largest (typical) |",
@@ -445,47 +356,26 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     per_flop = numbers["full rows (planner)"]["score/teacher"]["seconds"] / typical_flops
     t_trainer = per_flop * float(np.mean([r["flops_full_trainer"] for r in results]))
     numbers["step_seconds"]["full rows (simulated micro-batches)"] = t_trainer
-    t_cur = phase("shared, current plan", shared_programs.standalone(
-        rs, mean_response_len=mean_len, lower_dependent=lower_dependent,
-        typical=typical_from(results, "current", mcfg, shards)))
-    t_new = phase("shared, proposed plan", shared_programs.standalone(
-        rs, mean_response_len=mean_len, lower_dependent=lower_dependent,
-        typical=typical_from(results, "proposed", mcfg, shards)))
-    # the current plan's largest observed prefix unit (memory only: over the budget)
-    n, width = max((u for r in results for u in r["current"]["units"]),
-                   key=lambda u: u[0] * u[1])
-    worst = shared_programs.standalone(
-        rs, mean_response_len=mean_len, lower_dependent=lower_dependent,
-        typical=shared_programs.SharedTypical(
-            shared_programs.CallShape(n, width, 0, 0.0, 0.0, 0.0),
-            shared_programs.CallShape(1, width, shared_programs.largest_response_width(cfg),
-                                      0.0, 0.0, 0.0)))
-    worst_p, worst_c = measure(worst[0].typical), measure(worst[1].typical)
-    numbers["current_worst_unit"] = dict(per_block=n, width=width,
-                                         prefix_gib=worst_p.total_bytes / 2**30,
-                                         continuation_gib=worst_c.total_bytes / 2**30)
+    typ = typical_from(results, mcfg)
+    t_shared = phase("shared-prefix rows", shared_programs.standalone(
+        rs, mean_response_len=mean_len, typical=typ))
     comp = numbers["step_compute_seconds"]
-    c_full, c_cur, c_new = (comp["full rows (planner)"], comp["shared, current plan"],
-                            comp["shared, proposed plan"])
+    c_full, c_shared = comp["full rows (planner)"], comp["shared-prefix rows"]
     sim_pf = np.mean([r["flops_full_trainer"] for r in results]) / 1e15
+    useful_pf = np.mean([r["flops_useful"] for r in results]) / 1e15
+    floor = useful_pf * 1e15 / (sl.chip.peak_flops * sl.devices)
+    numbers["useful_seconds"] = floor
     lines += ["", f"Teacher-scoring phase per step (roofline): full rows as the planner models "
               f"them (`programs.build`'s typical twin at mean response {mean_len:,} × its "
               f"calls) **{t_full:.1f} s**; full rows at the simulated micro-batches (that "
               f"program's seconds per model FLOP × the simulated {sim_pf:.0f} PFLOP) "
-              f"**{t_trainer:.1f} s**; shared, current plan **{t_cur:.1f} s** "
-              f"({t_full / t_cur:.1f}× less than the planner's full rows, "
-              f"{t_trainer / t_cur:.1f}× less than the simulated ones); shared, proposed plan "
-              f"**{t_new:.1f} s** "
-              f"({t_full / t_new:.1f}× / {t_trainer / t_new:.1f}×).  Compute term only "
-              f"(FLOPs / peak, which leaves out bytes the cost analysis may over-count): full "
-              f"rows {c_full:.1f} s, current {c_cur:.1f} s ({c_full / c_cur:.1f}×), proposed "
-              f"{c_new:.1f} s ({c_full / c_new:.1f}×).",
-              f"Memory: the current plan's largest observed prefix unit ({n} per block × "
-              f"{width:,} = {n * width:,} tokens per device, {n * width / BUDGET:.1f}× the "
-              f"40,960 budget) needs {worst_p.total_bytes / 2**30:.2f} GiB (prefix_kv) / "
-              f"{worst_c.total_bytes / 2**30:.2f} GiB (a continuation over it, 1 × "
-              f"{shared_programs.largest_response_width(cfg):,}); the compiler's budget is "
-              f"{budget / 2**30:.2f} GiB."]
+              f"**{t_trainer:.1f} s**; shared-prefix rows **{t_shared:.1f} s** "
+              f"({t_full / t_shared:.1f}× less than the planner's full rows, "
+              f"{t_trainer / t_shared:.1f}× less than the simulated ones).  Compute term only: "
+              f"full rows {c_full:.1f} s, shared {c_shared:.1f} s ({c_full / c_shared:.1f}×).  "
+              f"The useful work alone ({useful_pf:.0f} PFLOP at peak on {sl.devices} chips) "
+              f"takes {floor:.1f} s: no plan can be more than {t_full / floor:.1f}× faster "
+              f"than the planner's full rows."]
     return lines, numbers
 
 
@@ -505,59 +395,46 @@ def _pf(x: float) -> str:
 def table(results: list[dict]) -> list[str]:
     lines = ["| seed | kept rollouts | contexts | distinct prefixes | useful | full rows "
              "(bucket) | full rows (pow2) | full, no pad | full, trainer micro-batches "
-             "(bucket / pow2) | shared, current plan | shared, proposed plan | current / "
-             "useful | proposed / useful | full rows / proposed | trainer / proposed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(bucket / pow2) | shared-prefix rows | shared / useful | trainer / shared |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        cur, new = r["current"]["computed"], r["proposed"]["computed"]
+        sh = r["shared"]["computed"]
         lines.append(
             f"| {r['seed']} | {r['kept']} / {r['rollouts']} | {r['contexts']:,} | "
             f"{r['prefixes']} | {_m(r['useful'])} | {_m(r['full_rows'])} | {_m(r['full_pow2'])}"
             f" | {_m(r['full_nopad'])} | {_m(r['full_trainer'])} / "
-            f"{_m(r['full_trainer_pow2'])} | {_m(cur)} | {_m(new)} | "
-            f"**{cur / r['useful']:.2f}** | **{new / r['useful']:.2f}** | "
-            f"{r['full_rows'] / new:.1f}× | {r['full_trainer'] / new:.1f}× |")
+            f"{_m(r['full_trainer_pow2'])} | {_m(sh)} | **{sh / r['useful']:.3f}** | "
+            f"{r['full_trainer'] / sh:.1f}× |")
     return lines
 
 
 def flops_table(results: list[dict]) -> list[str]:
     lines = ["| seed | useful | full rows (bucket) | full valid contexts, no pad | full, trainer "
-             "micro-batches | shared, current plan | shared, proposed plan | trainer / current "
-             "| trainer / proposed |", "|---|---|---|---|---|---|---|---|---|"]
+             "micro-batches | shared-prefix rows (tiles at their density) | trainer / shared |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['seed']} | {_pf(r['flops_useful'])} | {_pf(r['flops_full_rows'])} | "
             f"{_pf(r['flops_full_valid'])} | {_pf(r['flops_full_trainer'])} | "
-            f"{_pf(r['flops_current'])} | {_pf(r['flops_proposed'])} | "
-            f"{r['flops_full_trainer'] / r['flops_current']:.1f}× | "
-            f"{r['flops_full_trainer'] / r['flops_proposed']:.1f}× |")
+            f"{_pf(r['shared']['flops'])} | "
+            f"{r['flops_full_trainer'] / r['shared']['flops']:.1f}× |")
     return lines
 
 
 def details(results: list[dict]) -> list[str]:
     out = []
     for r in results:
-        c, p = r["current"], r["proposed"]
-        b, bp = c["breakdown"], p["breakdown"]
+        s = r["shared"]
         out.append(
             f"- seed {r['seed']}: responses mean {r['response_mean']:,.0f} / p50 "
             f"{r['response_p50']:,.0f} tokens, {r['at_cap']} at the cap; prompts mean "
-            f"{r['prompt_mean']:.0f}; {r['minibatches']} mini-batches (prefixes counted per "
-            f"mini-batch {r['prefixes_minibatch']}: a group split between two is computed in "
-            f"both); useful prefix / response tokens {_m(r['useful_prefix'])} / "
-            f"{_m(r['useful_cont'])}; valid contexts without padding "
-            f"{_m(r['full_valid_nopad'])}; current plan over the whole step at once "
-            f"{_m(r['shared_step_plan'])}.  Current plan: {len(c['units'])} prefix calls, "
-            f"{_m(c['prefix_tokens'])} tokens (width padding {_m(b['prefix_width_pad'])}, "
-            f"empty slots {_m(b['prefix_empty_slots'])}), largest "
-            f"{c['max_unit_tokens']:,} tokens per device; {len(c['calls'])} continuation calls, "
-            f"{_m(c['cont_tokens'])} (width padding {_m(b['cont_width_pad'])}, empty slots "
-            f"{_m(b['cont_empty_slots'])}); {c['shapes']} distinct shapes.  Proposed: "
-            f"{len(p['units'])} prefix calls, {_m(p['prefix_tokens'])} (width padding "
-            f"{_m(bp['prefix_width_pad'])}, empty {_m(bp['prefix_empty_slots'])}), largest "
-            f"{p['max_unit_tokens']:,}; {len(p['calls'])} continuation calls, "
-            f"{_m(p['cont_tokens'])} (width padding {_m(bp['cont_width_pad'])}, empty "
-            f"{_m(bp['cont_empty_slots'])}); {p['shapes']} distinct shapes")
+            f"{r['prompt_mean']:.0f}; {r['minibatches']} mini-batches; useful prefix / response "
+            f"tokens {_m(r['useful_prefix'])} / {_m(r['useful_cont'])}.  Shared-prefix rows: "
+            f"{s['calls']} calls of {SHARDS} rows (widths {sorted(set(s['widths']))}), "
+            f"{s['pieces']} pieces; padding {_m(s['row_end'] + s['empty_rows'])} (row ends "
+            f"{_m(s['row_end'])}, empty rows of last calls {_m(s['empty_rows'])}); prefixes "
+            f"computed twice {_m(s['duplicated_prefix'])}; attention tiles computed "
+            f"{s['tile_density']:.3f} of each pass's square (causal alone: 0.5)")
     return out
 
 
@@ -566,8 +443,8 @@ def format_section(results: list[dict], args, compiled: list[str] | None) -> str
     cmd = f"python -m benchmarks.teacher_tokens --seeds {seeds}"
     if args.topology:
         cmd += f" --topology {args.topology}"
-    lines = [f"## {datetime.datetime.now():%Y-%m-%d %H:%M} · teacher scoring: shared prefixes "
-             f"vs full rows (issue 19) · simulated reference workload", "",
+    lines = [f"## {datetime.datetime.now():%Y-%m-%d %H:%M} · teacher scoring: shared-prefix "
+             f"rows vs full rows (issue 19) · simulated reference workload", "",
              f"- command: {cmd}",
              f"- workload per step: {PROMPTS} prompts × G={GROUP}, {MINIBATCH_PROMPTS}-prompt "
              f"mini-batches, rlcsd, k_max={K_MAX}, self-rollout hints (`batches.build_contexts` "
@@ -584,12 +461,13 @@ def format_section(results: list[dict], args, compiled: list[str] | None) -> str
              "trainer = `microbatch.plan` micro-batches, C × rows × width (what "
              "`teacher/tokens_computed` counts with sharing off); shared = `shared_scoring."
              "plan(rows, shards=8, budget=40960).counters()` per mini-batch as the trainer runs "
-             f"it; proposed = the same with the plan change below (units shaped across blocks, "
-             f"continuation widths in steps of {RESPONSE_STEP})", ""]
+             "it (`teacher/tokens_computed` with sharing on)", ""]
     lines += table(results)
     if "flops_useful" in results[0]:
         lines += ["", "Model PFLOP per step, Qwen3-1.7B (`planner.flops`; a continuation = the "
-                  "last T queries of a causal row of P + T):", ""]
+                  "last T queries of a causal row of P + T; shared-prefix rows: every computed "
+                  "token's matmuls, the LM head on scored tokens, both attention passes at "
+                  "their measured tile density):", ""]
         lines += flops_table(results)
     lines += [""] + details(results)
     if compiled:
@@ -627,9 +505,9 @@ def main(argv=None):
     print(section)
     if args.json:
         import json
-        slim = [{k: v for k, v in r.items() if k not in ("current", "proposed")} | {
-            k: {kk: vv for kk, vv in r[k].items() if kk not in ("units", "calls")}
-            for k in ("current", "proposed")} for r in results]
+        slim = [{k: v for k, v in r.items() if k != "shared"} | {
+            "shared": {k: v for k, v in r["shared"].items() if k not in ("tiles",)}}
+            for r in results]
         with open(args.json, "w") as f:
             json.dump({"steps": slim, "compiled": numbers}, f, indent=1, default=str)
     if args.out:

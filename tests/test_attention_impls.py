@@ -1,7 +1,7 @@
 """Every attention implementation equals the dense `xla` reference in value and gradient (fp32,
 1e-5) on the layouts the code produces: grouped-query heads, left and right padding, packed
 segments, Olmo-3's sliding window across its boundary, a query block over a KV cache (T != S),
-and lengths that are not a multiple of the block."""
+lengths that are not a multiple of the block, and shared-prefix rows (two passes merged)."""
 
 import functools
 
@@ -130,25 +130,6 @@ def test_cudnn_path_masks_like_the_reference(window):
            implementation="xla")
     pos, seg = left_padded(t, [t, 50])
     _check(attention_impls.cudnn_attention, t, pos, seg, window)     # falls back
-
-
-@pytest.mark.parametrize("window", [None, 100])
-def test_queries_at_the_end_of_a_cached_prefix(window):
-    """A continuation scored over a cached prefix: 128 queries that are the last 128 of 384
-    keys (row 0's prefix is left padded by 37), for splash (interpret mode, index masks with an
-    offset) and blockwise, against the reference."""
-    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
-    t, s = 128, 384
-    q, k, v = _qkv(t, s, seed=5)
-    k_seg = np.ones((B, s), np.int32)
-    k_seg[0, :37] = 0
-    k_pos = np.maximum(np.cumsum(k_seg, 1) - 1, 0).astype(np.int32)
-    q_pos, q_seg = k_pos[:, s - t:], k_seg[:, s - t:]
-    args = [jnp.asarray(x) for x in (q_pos, k_pos, q_seg, k_seg)]
-    ref = attention_impls.xla_attention(q, k, v, *args, window=window)
-    for impl in (attention_impls.splash_attention, attention_impls.blockwise_attention):
-        got = impl(q, k, v, *args, window=window, queries_at_end=True)
-        np.testing.assert_allclose(got, ref, **TOL, err_msg=impl.__name__)
 
 
 def shared_prefix_row(t, groups):

@@ -1,9 +1,9 @@
-"""Scoring responses over cached shared prefixes equals scoring the whole rows (fp32, 1e-5):
+"""Scoring responses packed in shared-prefix rows equals scoring the whole rows (fp32, 1e-5):
 log-probs, top-k ids and log-probs, log-probs at given ids and entropies, for Qwen3 and Olmo-3
-(a sliding window crossed by the response), with prefixes of different lengths, several rows per
-prefix and two device blocks."""
+(a sliding window crossed by the responses, which sit farther from their prefix in the packed row
+than in their own), with prefixes of different lengths, several rows per prefix, a prefix split
+over two rows, and two device blocks."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,47 +11,73 @@ from flax import nnx
 
 from hf_fixtures import olmo3_config, qwen3_config
 from rlcsd_jax import models, scoring, scoring_prefix, teacher_batch
+from rlcsd_jax.trainer import shared_scoring as shared
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _model(arch):
+def _model(arch, impl="blockwise"):
     hf = qwen3_config() if arch == "qwen3" else olmo3_config(max_position_embeddings=256)
-    cfg = models.from_hf_config(hf.to_dict(), attention_impl="blockwise")
+    cfg = models.from_hf_config(hf.to_dict(), attention_impl=impl)
     return models.build(cfg, seed=3)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "olmo3"])
-def test_continuations_over_shared_prefixes_equal_full_rows(arch):
-    model = _model(arch)
+@pytest.mark.parametrize("arch,impl", [("qwen3", "blockwise"), ("olmo3", "blockwise"),
+                                       ("qwen3", "xla")])
+def test_shared_prefix_rows_equal_full_rows(arch, impl):
+    model = _model(arch, impl)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
-    # Two device blocks of 2 prefixes; 6 rows, each using a prefix of its own block.
-    prefixes = [rng.integers(3, 128, n).tolist() for n in (30, 9, 17, 41)]
-    rows = [(0, 12), (0, 25), (1, 7), (2, 20), (3, 31), (3, 5)]       # (prefix, response length)
-    responses = [rng.integers(3, 128, n).tolist() for _, n in rows]
-    width, t = 48, 32
-    pre_ids = np.zeros((4, width), np.int32)
-    pre_mask = np.zeros((4, width), np.int32)
-    for i, p in enumerate(prefixes):                                   # left padded
-        pre_ids[i, width - len(p):], pre_mask[i, width - len(p):] = p, 1
-    ids = np.zeros((6, t), np.int32)
-    mask = np.zeros((6, t), np.int32)
-    for i, r in enumerate(responses):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    local_index = np.asarray([0, 0, 1, 0, 1, 1], np.int32)             # rows 0-2 block 0
-    at_ids = jnp.asarray(rng.integers(0, 128, (6, t, 3)), jnp.int32)
+    prefixes = [tuple(rng.integers(3, 128, n).tolist()) for n in (30, 9, 17, 41)]
+    spec = [(0, 12), (0, 25), (1, 7), (2, 20), (3, 31), (3, 5), (3, 44), (3, 50)]  # (prefix, n)
+    rows = [shared.Row(i, 0, prefixes[p], tuple(rng.integers(3, 128, n).tolist()))
+            for i, (p, n) in enumerate(spec)]
+    # 2 blocks, rows of 128 tokens: prefix 3 with its four responses (171 tokens) is split;
+    # 291 tokens in all take two calls, the second with an empty row.
+    p = shared.plan(rows, shards=2, budget=96)
+    assert p.width == 128 and len(p.calls) == 2
+    assert sum(len(pc.rows) for c in p.calls for m in c.packed for pc in m) == len(rows)
+    k = 3
+    at_ids = {i: rng.integers(0, 128, (len(r.response), k)) for i, r in enumerate(rows)}
+    out = shared.run(p, score_fn=lambda **a: scoring_prefix.shared_prefix_stats(
+        graphdef, params, **a, top_k=4, entropy=True), put=lambda x: x,
+        get=lambda x: {key: np.asarray(v) for key, v in x.items()}, pad_id=0,
+        at_ids=lambda i: at_ids[i])
 
-    cache = scoring_prefix.prefix_kv(graphdef, params, pre_ids, pre_mask)
-    got = scoring_prefix.continuation_stats(graphdef, params, cache, local_index, ids, mask,
-                                            at_ids, shards=2, top_k=4, entropy=True)
-
+    t = max(len(r.response) for r in rows)
+    at = np.zeros((len(rows), t, k), np.int32)
+    for i, a in at_ids.items():
+        at[i, :len(a)] = a
     full_ids, full_mask, start = teacher_batch.pack_rows(
-        [prefixes[p] for p, _ in rows], responses, seq_len=width + t)
+        [list(r.prefix) for r in rows], [list(r.response) for r in rows], seq_len=128)
     ref = scoring.response_stats(model, jnp.asarray(full_ids), jnp.asarray(full_mask),
-                                 jnp.asarray(start), t, top_k=4, at_ids=at_ids, entropy=True)
-    live = mask[..., None] > 0
-    for key in ("logp", "entropy", "topk_logp", "at_ids_logp", "topk_ids"):
-        a, b = np.asarray(got[key]), np.asarray(ref[key])
-        m = live if a.ndim == 3 else live[..., 0]
-        np.testing.assert_allclose(np.where(m, a, 0), np.where(m, b, 0), **TOL, err_msg=key)
+                                 jnp.asarray(start), t, top_k=4, at_ids=jnp.asarray(at),
+                                 entropy=True)
+    for i, r in enumerate(rows):
+        n = len(r.response)
+        for key in ("logp", "entropy", "topk_logp", "at_ids_logp", "topk_ids"):
+            np.testing.assert_allclose(out[i][key], np.asarray(ref[key])[i, :n], **TOL,
+                                       err_msg=f"row {i} {key}")
+
+
+def test_plan_packs_pieces_and_counts_what_the_calls_compute():
+    """First-fit decreasing: every response once, no packed row past the width, a prefix cut
+    into pieces only when it does not fit whole, and tokens_computed = calls x blocks x width."""
+    rng = np.random.default_rng(1)
+    prefixes = [tuple(rng.integers(3, 99, n).tolist()) for n in (50, 20, 70)]
+    rows = [shared.Row(i, 0, prefixes[i % 3], tuple(range(1, 1 + int(n))))
+            for i, n in enumerate(rng.integers(5, 60, 14))]
+    p = shared.plan(rows, shards=2, budget=256)
+    seen = []
+    for call in p.calls:
+        assert len(call.packed) == 2
+        for members in call.packed:
+            assert sum(len(pc.prefix) + sum(len(rows[i].response) for i in pc.rows)
+                       for pc in members) <= p.width
+            seen += [i for pc in members for i in pc.rows]
+    assert sorted(seen) == list(range(len(rows)))
+    c = p.counters()
+    assert c["tokens_computed"] == len(p.calls) * 2 * p.width
+    assert c["tokens_useful"] == sum(map(len, prefixes)) + sum(len(r.response) for r in rows)
+    with pytest.raises(ValueError, match="row 0 .*empty prefix"):
+        shared.plan([shared.Row(0, 0, (), (1, 2))], shards=1, budget=64)

@@ -26,77 +26,80 @@ def _run_setup(cfg, mesh):
 
 
 def test_programs_compile_for_a_tpu_slice(tmp_path):
-    """Largest shapes and typical twins of rlcsd's shared teacher programs compile for v5p-8
-    (tiny model), the continuations over the prefix program's compiled outputs, within the
-    compiler's memory budget, with a roofline time."""
+    """The largest shape and the typical twin of rlcsd's shared teacher program compile for
+    v5p-8 (tiny model) within the compiler's memory budget, with a roofline time; the twin
+    prices attention at the estimated tile density."""
     from rlcsd_jax.planner import compile as compile_lib, topology
 
     cfg = _config(tmp_path, "rlcsd")
     sl = topology.get_slice("v5p-8")
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=sl.devices)
     budget = topology.hbm_budget(sl)
-    measured = {}
+    progs = shared_programs.standalone(_run_setup(cfg, mesh))
+    assert [p.name for p in progs] == ["score/teacher_shared"]
+    (p,) = progs
+    assert p.args[2].shape == (4, shared_programs.largest_width(cfg))
+    assert p.kwargs["tile_density"] is None and 0 < p.typical.kwargs["tile_density"] <= 1
+    for q in (p, p.typical):
+        m = compile_lib.measure(q, budget)
+        assert m.fits, (q.name, q.what, m.error)
+        assert m.per_call(sl.chip)[2].seconds > 0
+        assert q.phase == "score" and q.calls_per_step > 0 and q.tokens_per_call > 0
+    assert p.typical.is_typical and not p.is_typical
 
-    def lower_dependent(p):
-        m = measured[id(p)] = compile_lib.measure(p, budget)
-        assert m.compiled is not None, m.error
-        return compile_lib._out_info(m.compiled)
 
-    progs = shared_programs.standalone(_run_setup(cfg, mesh), lower_dependent=lower_dependent)
-    assert [p.name for p in progs] == ["score/teacher_prefix", "score/teacher_continuation"]
-    assert progs[0].args[2].shape == (4, shared_programs.largest_prefix_width(cfg))
-    for p in progs:
-        for q in (p, p.typical):
-            m = measured.get(id(q)) or compile_lib.measure(q, budget)
-            assert m.fits, (q.name, q.what, m.error)
-            assert m.per_call(sl.chip)[2].seconds > 0
-            assert q.phase == "score" and q.calls_per_step > 0 and q.tokens_per_call > 0
-        assert p.typical.is_typical and not p.is_typical
+def test_tile_density_counts_the_tiles_of_both_passes():
+    """One group [prefix 256 | r 256 | r 256] in a 1,024-token row of 256-token tiles: pass 1
+    (own segments) needs the 3 diagonal tiles, pass 2 (responses over the prefix) the 2 tiles
+    of the responses' rows under the prefix's column, of 16 each."""
+    seg = np.repeat([1, 2, 3, 0], 256)[None]
+    pq = np.repeat([0, 1, 1, 0], 256)[None]
+    pk = np.repeat([1, 0, 0, 0], 256)[None]
+    assert shared_programs.tile_density(seg, pq, pk, tile=256) == (3 / 16 + 2 / 16) / 2
 
 
 # After the compile test: a trainer run in this process would make the compile-only client
 # try the persistent cache's CPU entries (harmless warnings).
 def test_programs_are_the_teacher_pass_calls(tmp_path, monkeypatch):
-    """Same functions, static keywords, dtypes and ranks as `shared_passes.teacher_pass`'s
-    calls (rlcsd: log-probs; opsd_ectr: top-k, then at the correct context's ids)."""
+    """Same function, static keywords (but the planner-only tile density), dtypes and ranks as
+    `shared_passes.teacher_pass`'s calls (rlcsd: log-probs; opsd_ectr: top-k, then at the
+    correct context's ids)."""
     fake_rollouts.install(monkeypatch.setattr, PATTERN)
     for method in ("rlcsd", "opsd_ectr"):
         cfg = _config(tmp_path / method, method)
         tr = loop.Trainer(cfg, str(tmp_path / method))
         calls = []
+        real = scoring_prefix.shared_prefix_stats
         with monkeypatch.context() as m:
-            for name in ("prefix_kv", "continuation_stats"):
-                real = getattr(scoring_prefix, name)
-
-                def wrapped(*args, _real=real, _name=name, **kwargs):
-                    calls.append((_name, args, kwargs))
-                    return _real(*args, **kwargs)
-                m.setattr(scoring_prefix, name, wrapped)
+            def wrapped(*args, **kwargs):
+                calls.append((args, kwargs))
+                return real(*args, **kwargs)
+            m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
             with jax.set_mesh(tr.mesh):
                 ro, ctx = _step_inputs(tr, cfg)
                 rows = np.asarray(ctx.kept)
                 shared_passes.teacher_pass(tr, ro, ctx, rows, np.arange(len(rows)),
                                            tr.state.params, width=ro.tokens.shape[1])
         progs = shared_programs.standalone(_run_setup(cfg, tr.mesh))
-        by_fn = {}
-        for p in progs:
-            by_fn.setdefault(p.fn, []).append(p)
-        (prefix,) = by_fn[scoring_prefix.prefix_kv]
-        got = [c for c in calls if c[0] == "prefix_kv"]
-        assert got and all(_describe(c[1]) == _describe(prefix.args) for c in got)
-        assert all(c[2] == prefix.kwargs for c in got)
-        conts = [c for c in calls if c[0] == "continuation_stats"]
-        # one program per kind of continuation call the pass made (static keywords, at_ids)
-        kinds = {(tuple(sorted(c[2].items())), c[1][6] is None) for c in conts}
-        built = {(tuple(sorted(p.kwargs.items())), p.args[6] is None)
-                 for p in by_fn[scoring_prefix.continuation_stats]}
+        assert calls and all(p.fn is real for p in progs)
+        names = ("input_ids", "positions", "segment_ids", "prefix_q_seg", "prefix_k_seg",
+                 "pred_index", "targets", "at_ids")
+
+        def static(kw):
+            return tuple(sorted((k, v) for k, v in kw.items()
+                                if k not in names and k != "tile_density"))
+
+        def arrays(args, kw):
+            return _describe([kw[n] for n in names]) if not args[2:] else _describe(args[2:])
+
+        kinds = {(static(kw), kw["at_ids"] is None) for _, kw in calls}
+        built = {(static(p.kwargs), p.args[9] is None) for p in progs}
         assert kinds == built, (kinds, built)
-        for p in by_fn[scoring_prefix.continuation_stats]:
-            same = [c for c in conts
-                    if c[2] == p.kwargs and (c[1][6] is None) == (p.args[6] is None)]
-            # every argument but the cache (test_programs_compile_for_a_tpu_slice compiles it)
-            drop = lambda args: [a for i, a in enumerate(args) if i != 2]  # noqa: E731
-            assert all(_describe(drop(c[1])) == _describe(drop(p.args)) for c in same), p.name
+        for p in progs:
+            same = [(a, kw) for a, kw in calls
+                    if static(kw) == static(p.kwargs) and (kw["at_ids"] is None) == (
+                        p.args[9] is None)]
+            assert all(arrays(a, kw) == _describe(list(p.args[2:])) for a, kw in same), p.name
 
 
 @pytest.fixture(scope="module")
@@ -109,46 +112,13 @@ def test_simulated_counters_are_consistent(step):
     assert r["kept"] <= r["rollouts"] == 512
     assert r["kept"] <= r["contexts"] <= 5 * r["kept"]
     assert 0 < r["prefixes"] <= min(r["contexts"], r["rollouts"])
-    assert r["prefixes"] <= r["prefixes_minibatch"]
     assert r["useful"] == r["useful_prefix"] + r["useful_cont"]
     # full rows: padding only adds, every slot >= the valid contexts
     assert r["useful"] < r["full_valid_nopad"] <= r["full_nopad"] <= r["full_rows"]
     assert r["full_rows"] <= r["full_pow2"]
-    for kind in ("current", "proposed"):
-        c = r[kind]
-        assert c["computed"] == c["prefix_tokens"] + c["cont_tokens"]
-        assert c["computed"] >= r["useful_minibatch"] >= r["useful"]
-        b = c["breakdown"]
-        assert b["prefix_real"] == r["useful_prefix"] or r["prefixes_minibatch"] > r["prefixes"]
-        assert b["cont_real"] == r["useful_cont"]
-    # shared_scoring.plan (the proposal, applied) computes less than full rows and keeps every
-    # prefix unit within the per-device budget; the benchmark's copy of the rule agrees with it
-    assert r["current"]["computed"] == r["proposed"]["computed"]
-    assert r["current"]["computed"] < r["full_rows"] < r["full_trainer"]
-    assert r["current"]["max_unit_tokens"] <= teacher_tokens.BUDGET
-    assert r["current"]["max_cont_tokens"] <= teacher_tokens.BUDGET + 16384 + 40960
-
-
-def test_proposed_plan_scores_every_row_once():
-    """The benchmark's proposed plan covers each row exactly once, its prefix in its unit."""
-    w = teacher_tokens.simulate(1)
-    ro, enc = teacher_tokens._Rollouts(w, 8), teacher_tokens._Encoder(w, 8)
-    from rlcsd_jax.trainer import batches, setup
-    from rlcsd_jax.trainer import shared_scoring as shared
-
-    ctx = batches.build_contexts("rlcsd", ro, enc, setup.group_rngs(1, 0, 0, 64),
-                                 hint_source="self_rollout", k_max=4)
-    rows = np.asarray(ctx.kept)[:128]
-    trows = shared.teacher_rows(ro, ctx, rows, np.arange(len(rows)), max_len=40960)
-    p = teacher_tokens.proposed_plan(trows, shards=8, budget=40960)
-    seen = []
-    for u in p.units:
-        assert u.per_block * u.width <= max(40960, u.width)
-        for c in u.calls:
-            for b, block in enumerate(c.rows):
-                assert len(block) <= c.rows_per_block
-                for i in block:
-                    assert trows[i].prefix in u.prefixes[b]
-                    assert len(trows[i].response) <= c.width
-                    seen.append(i)
-    assert sorted(seen) == list(range(len(trows)))
+    # shared-prefix rows: every computed token is useful, padding or a prefix computed again
+    s = r["shared"]
+    assert s["computed"] == pytest.approx(
+        r["useful"] + s["row_end"] + s["empty_rows"] + s["duplicated_prefix"])
+    assert r["useful"] <= s["computed"] <= 1.2 * r["useful"] < r["full_trainer"]
+    assert 0 < s["tile_density"] < 0.5

@@ -153,7 +153,7 @@ def test_memory_is_checked_before_sampling(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.teacher_max_len": 1024,
                                    "train.teacher_buckets": (1024,)})
     cfg.train.memory_limit_gb = 0.003
-    with pytest.raises(MemoryError, match=r"score/teacher_prefix does NOT fit: needs .* GiB per "
+    with pytest.raises(MemoryError, match=r"score/teacher_shared does NOT fit: needs .* GiB per "
                                           r"device, the budget is 0.0 GiB .*train.teacher_max_len"):
         loop.Trainer(cfg, str(tmp_path))
     cfg.train.memory_limit_gb = 1.0

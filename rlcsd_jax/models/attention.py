@@ -41,19 +41,19 @@ HF_SHARED_LAYER_NAMES = {
 class AttentionInputs:
     """Who sees whom, shared by every layer: q_pos / q_seg [B, T], k_pos / k_seg [B, S] int32
     (segment 0 = padding).  right_padded (static): rows are [real | padding] with positions
-    0..n-1 and no cache, the layout cuDNN's length masks need.  queries_at_end (static): the T
-    queries are the last T of the S keys (a continuation over a cached prefix).  prefix_q_seg /
+    0..n-1 and no cache, the layout cuDNN's length masks need.  prefix_q_seg /
     prefix_k_seg [B, T] / [B, S]: a shared-prefix row's second pass (responses see their
-    group's prefix: `attention_impls.shared_prefix_attention`), None otherwise."""
+    group's prefix: `attention_impls.shared_prefix_attention`), None otherwise; tile_density
+    (static): the planner's estimate of the tiles those two passes compute (pricing only)."""
 
     q_pos: jax.Array
     k_pos: jax.Array
     q_seg: jax.Array
     k_seg: jax.Array
     right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    queries_at_end: bool = dataclasses.field(default=False, metadata=dict(static=True))
     prefix_q_seg: jax.Array | None = None
     prefix_k_seg: jax.Array | None = None
+    tile_density: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -151,10 +151,10 @@ class Attention(nnx.Module):
             if inputs.prefix_q_seg is not None:
                 return attention_impls.shared_prefix_attention(
                     self.attention_impl, q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg,
-                    inputs.k_seg, inputs.prefix_q_seg, inputs.prefix_k_seg, window=window)
+                    inputs.k_seg, inputs.prefix_q_seg, inputs.prefix_k_seg, window=window,
+                    tile_density=inputs.tile_density)
             return impl(q, k, v, inputs.q_pos, inputs.k_pos, inputs.q_seg, inputs.k_seg,
-                        window=window, right_padded=inputs.right_padded and own_kv_only,
-                        queries_at_end=inputs.queries_at_end)
+                        window=window, right_padded=inputs.right_padded and own_kv_only)
 
         if self.sliding_window is None or sliding is None:
             out = attend(None)

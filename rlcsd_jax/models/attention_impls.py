@@ -32,8 +32,6 @@ theirs needs (`flash._needed`, `splash._skip_by_segments`).  Forward only (scori
 
 `right_padded=True` is the caller's promise that each row is [real tokens | padding] with
 positions 0..n-1 and no cache (T == S): what cuDNN's sequence-length masking needs.
-`queries_at_end=True` promises that the T queries are the last T of the S keys (a continuation
-over a cached prefix), which lets the index-masked splash kernel serve T < S.
 """
 
 from __future__ import annotations
@@ -85,34 +83,30 @@ def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, window):
             lse.transpose(0, 3, 1, 2).reshape(b, t, h))
 
 
-def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                  queries_at_end=False):
+def xla_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
     """Dense reference: fp32 scores [B, KV, G, T, S], masked softmax."""
-    del right_padded, queries_at_end
+    del right_padded
     return _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, window)[0]
 
 
-def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                        queries_at_end=False):
-    del right_padded, queries_at_end
+def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
+    del right_padded
     return flash.blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window)
 
 
-def splash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                     queries_at_end=False):
+def splash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
     from rlcsd_jax.models import splash
 
     t, s = q.shape[1], k.shape[1]
-    if not ((t == s or queries_at_end) and splash.supports(t, s)):
-        _log_once(f"attention: splash needs self-attention or queries at the end of the keys, "
-                  f"over multiples of 128 tokens (got T={t}, S={s}); using blockwise for this "
-                  "call")
+    if not (t == s and splash.supports(t, s)):
+        _log_once(f"attention: splash needs self-attention over multiples of 128 tokens (got "
+                  f"T={t}, S={s}); using blockwise for this call")
         return blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window)
     return splash.splash_attention(q, k, v, q_seg, k_seg, window=window)
 
 
 def cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                    queries_at_end=False, implementation: str | None = "cudnn"):
+                    implementation: str | None = "cudnn"):
     """cuDNN flash attention for right-padded rows: causal + per-row lengths (+ the window).
 
     `implementation` is `jax.nn.dot_product_attention`'s: tests run the same masking with
@@ -135,8 +129,7 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
-def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False,
-                   queries_at_end=False):
+def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
     platform = _platform()
     if platform == "tpu":
         impl = splash_attention
@@ -144,8 +137,7 @@ def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_pa
         impl = cudnn_attention
     else:
         impl = blockwise_attention
-    return impl(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, right_padded=right_padded,
-                queries_at_end=queries_at_end)
+    return impl(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, right_padded=right_padded)
 
 
 ATTENTION_IMPLS: dict[str, Callable] = {
@@ -170,7 +162,7 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out.astype(out_a.dtype)
 
 
-def _with_lse(name: str, window) -> Callable:
+def _with_lse(name: str, window, tile_density=None) -> Callable:
     """The (out, lse) form of implementation `name` for self-attention rows (T == S)."""
     if name == "auto":
         name = "splash" if _platform() == "tpu" else "blockwise"
@@ -181,7 +173,8 @@ def _with_lse(name: str, window) -> Callable:
         # a response to its prefix is not the position distance.  Splash serves full layers.
         if window is None:
             return lambda q, k, v, qp, kp, qs, ks: splash.splash_attention(
-                q, k, v, qs, ks, with_lse=True) if splash.supports(q.shape[1]) else (
+                q, k, v, qs, ks, with_lse=True, tile_density=tile_density) if splash.supports(
+                q.shape[1]) else (
                 flash.blockwise_attention_lse(q, k, v, qp, kp, qs, ks))
         _log_once("attention: splash cannot window shared-prefix rows; sliding layers use "
                   "blockwise")
@@ -195,10 +188,12 @@ def _with_lse(name: str, window) -> Callable:
 
 
 def shared_prefix_attention(name: str, q, k, v, q_pos, k_pos, q_seg, k_seg, prefix_q_seg,
-                            prefix_k_seg, *, window=None):
+                            prefix_k_seg, *, window=None, tile_density=None):
     """Attention of a shared-prefix row (module doc): pass 1 over (q_seg, k_seg), pass 2 over
-    (prefix_q_seg, prefix_k_seg), merged.  All [B, T] / [B, S] int32, T == S."""
-    attend = _with_lse(name, window)
+    (prefix_q_seg, prefix_k_seg), merged.  All [B, T] / [B, S] int32, T == S.  tile_density:
+    the share of tiles each pass computes, for the planner's pricing of splash (None: the
+    causal triangle's)."""
+    attend = _with_lse(name, window, tile_density)
     out_a, lse_a = attend(q, k, v, q_pos, k_pos, q_seg, k_seg)
     out_b, lse_b = attend(q, k, v, q_pos, k_pos, prefix_q_seg, prefix_k_seg)
     return merge(out_a, lse_a, out_b, lse_b)

@@ -178,8 +178,8 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None,
                       cache: KVCache | None = None, return_all: bool = False, *,
-                      segment_ids=None, right_padded: bool = False,
-                      queries_at_end: bool = False, prefix_segments=None):
+                      segment_ids=None, right_padded: bool = False, prefix_segments=None,
+                      tile_density: float | None = None):
         """Final-normed hidden states [B, T, d] and the updated cache.
 
         attention_mask [B, T] marks real tokens (any padding side); or segment_ids [B, T] (0 =
@@ -188,9 +188,12 @@ class CausalLM(nnx.Module):
         segment).  right_padded: the caller's promise that rows are [real | padding] with
         positions 0..n-1 (lets cuDNN use length masks).  With a cache, the T new tokens are
         written at `cache.index`; attention sees every valid slot whose position is <= the
-        query's; queries_at_end: the caller's promise that they fill the cache's last T slots
-        (a continuation over a cached prefix: lets splash serve it).  return_all=True also
-        returns the residual stream after every layer [L, B, T, d] (for parity debugging).
+        query's.  prefix_segments: (q [B, T], k [B, T]) of a shared-prefix row without a cache
+        (groups [prefix | r1 | r2 ...] packed in `segment_ids`, each prefix and response its
+        own segment; q tags each response token with its group, k each prefix token, 0
+        elsewhere): responses then also see their group's prefix (`attention_impls.shared_prefix_attention`; tile_density: the planner's
+        estimate of the tiles it computes, for pricing).  return_all=True also returns the
+        residual stream after every layer [L, B, T, d] (for parity debugging).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -210,14 +213,14 @@ class CausalLM(nnx.Module):
             shared = (None, None) if prefix_segments is None else tuple(
                 x.astype(jnp.int32) for x in prefix_segments)
             inputs = AttentionInputs(positions, positions, q_seg, q_seg, right_padded,
-                                     prefix_q_seg=shared[0], prefix_k_seg=shared[1])
+                                     prefix_q_seg=shared[0], prefix_k_seg=shared[1],
+                                     tile_density=tile_density)
         else:
             if prefix_segments is not None:
                 raise ValueError("prefix_segments is for rows without a cache")
             k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1)
             k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, q_seg != 0, cache.index, 1)
-            inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32),
-                                     queries_at_end=queries_at_end)
+            inputs = AttentionInputs(positions, k_pos, q_seg, k_valid.astype(jnp.int32))
 
         tables = self._rope_tables(positions)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])

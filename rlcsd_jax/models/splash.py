@@ -118,12 +118,14 @@ SCOPE = "splash_b{b}_h{h}_kv{kv}_t{t}_s{s}_d{d}_density{density:.6f}"
 
 
 def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None,
-                     with_lse: bool = False):
+                     with_lse: bool = False, tile_density: float | None = None):
     """q [B, T, H, D], k / v [B, S, KV, D] (S >= T, queries the last T keys), segment ids
     [B, T] / [B, S] -> [B, T, H, D].
 
     with_lse=True (forward only: scoring two passes to merge, `attention_impls.merge`) returns
-    (out, lse [B, T, H] fp32) and skips the tiles whose segment ranges do not meet."""
+    (out, lse [B, T, H] fp32) and skips the tiles whose segment ranges do not meet; how many
+    that leaves depends on the data, so the planner prices it at `tile_density` (its estimate
+    of the share of tiles computed) instead of the static mask's."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
         SegmentIds)
 
@@ -155,7 +157,8 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None,
     def local(qt, kt, vt, qs, ks):
         kernel = _kernel(qt.shape[1], t, s, window, block_q, block_kv, interpret, with_lse)
         scope = SCOPE.format(b=qt.shape[0], h=qt.shape[1], kv=kt.shape[1], t=t, s=s, d=d,
-                             density=block_density(t, block_q, window, s, block_kv))
+                             density=tile_density if tile_density is not None else
+                             block_density(t, block_q, window, s, block_kv))
         with jax.named_scope(scope):
             return jax.vmap(functools.partial(one_row, kernel))(qt, kt, vt, qs, ks)
 

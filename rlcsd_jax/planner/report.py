@@ -23,7 +23,8 @@ _ADVICE = {
              "engine.kv_budget_tokens); on the static sampler fewer prompts per call "
              "(eval.batch_prompts) or samples (eval.num_samples); a shorter cap "
              "(eval.max_new_tokens), or more chips on fsdp"),
-    "score": ("the mini-batch's activations: fewer rows per mini-batch (train.minibatch_prompts), "
+    "score": ("the tokens scored per device at once: a smaller token budget "
+              "(train.micro_batch_tokens: micro-batch rows and shared-prefix row width), "
               "fewer teacher contexts (teacher.k_max), shorter teacher rows "
               "(train.teacher_max_len, train.teacher_buckets), or more chips on fsdp"),
     "update": ("the mini-batch's activations and gradients: fewer rows per mini-batch "

@@ -624,13 +624,12 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
         big.typical = teacher_program(sh.typical, ids_typ, True)
         big.typical.is_typical = True
         if cfg.train.share_teacher_prefixes:
-            # `shared_passes.teacher_pass`: each distinct prefix once, then the responses over
-            # it; the update takes host arrays of the full-row outputs' shapes (put per row).
+            # `shared_passes.teacher_pass`: shared-prefix rows (each distinct prefix once, its
+            # responses after it); the update takes host arrays of the full-row outputs' shapes.
             from rlcsd_jax.trainer import shared_programs
 
             out += shared_programs.teacher_programs(
-                rs, graphdef=graphdef, state=state, spec=spec, shards=devices, sh=sh,
-                lower_dependent=lower_dependent)
+                rs, graphdef=graphdef, state=state, spec=spec, shards=devices, sh=sh)
             teacher_max = like_outputs(big.fn, big.args, big.kwargs, mesh)
             teacher_typ = like_outputs(big.typical.fn, big.typical.args, big.typical.kwargs, mesh)
         else:

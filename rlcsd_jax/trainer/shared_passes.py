@@ -1,7 +1,7 @@
 """The trainer's scoring passes with shared prefixes (`train.share_teacher_prefixes`).
 
 Student pass: old / reference log-probs and entropies of every rollout, its prompt computed once
-per group.  Teacher pass: the method's teacher outputs of a mini-batch (`update.teacher_outputs`
+per group (the prompt and its G responses packed as one shared-prefix piece).  Teacher pass: the method's teacher outputs of a mini-batch (`update.teacher_outputs`
 computes the same thing from full rows), each distinct teacher prefix computed once and no
 empty wrong-hint context computed.  Both return host arrays per rollout; the update's
 micro-batches take their slices (`micro_batch_slice`).
@@ -20,24 +20,19 @@ from rlcsd_jax.trainer import shared_scoring as shared
 
 
 def _runner(tr, params, **stat_kw):
-    """prefix / continuation functions of `params` on the trainer's mesh."""
-    shards = tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
+    """The scoring function of `params` on the trainer's mesh, and its host <-> device moves."""
     spec = tr.spec
-    kw = dict(shards=shards, chunk=spec.chunk, temperature=spec.temperature, **stat_kw)
+    kw = dict(chunk=spec.chunk, temperature=spec.temperature, **stat_kw)
 
-    def prefix_fn(ids, mask):
-        return scoring_prefix.prefix_kv(tr.graphdef, params, ids, mask)
-
-    def continuation_fn(cache, index, ids, mask, at_ids):
-        return scoring_prefix.continuation_stats(tr.graphdef, params, cache, index, ids, mask,
-                                                 at_ids, **kw)
-    return dict(prefix_fn=prefix_fn, continuation_fn=continuation_fn, put=tr.put,
+    def score_fn(**arrays):
+        return scoring_prefix.shared_prefix_stats(tr.graphdef, params, **arrays, **kw)
+    return dict(score_fn=score_fn, put=tr.put,
                 get=functools.partial(multihost.to_host_local, mesh=tr.mesh), pad_id=tr.pad_id)
 
 
 def _plan(tr, rows):
     return shared.plan(rows, shards=setup.batch_devices_per_process(tr.mesh),
-                       budget=tr.cfg.train.micro_batch_tokens, buckets=tr.teacher_buckets)
+                       budget=tr.cfg.train.micro_batch_tokens)
 
 
 def student_pass(tr, ro, rows: np.ndarray, params, *, width: int, top_k: int = 0,

@@ -1,25 +1,22 @@
 """The teacher-scoring programs of the shared-prefix path (`train.share_teacher_prefixes`).
 
-`shared_passes.teacher_pass` scores a mini-batch with two jitted functions: `scoring_prefix.
-prefix_kv` (each distinct teacher prefix once, N per device block, left padded to width P) and
-`scoring_prefix.continuation_stats` (r responses per block of width T over their cached prefix),
-in the units and calls of `shared_scoring.plan`.  This module builds them as `programs.Program`s
-for the planner and the trainer's start-up memory check, as `programs.build` builds the full-row
-"score/teacher":
+`shared_passes.teacher_pass` scores a mini-batch with `scoring_prefix.shared_prefix_stats`: one
+shared-prefix row of W tokens per device block per call (each distinct prefix once, followed
+by the responses scored under it), in the calls of `shared_scoring.plan`.  This module builds
+it as `programs.Program`s for the planner and the trainer's start-up memory check, as
+`programs.build` builds the full-row "score/teacher":
 
-  * largest shapes (memory): one prefix per block at the widest prefix bucket,
-    bucket(teacher_max_len - 1) (one prefix of at least the budget runs alone in its batch); one
-    row per block with a response at the cap's bucket over that prefix.  This bounds a step's
-    calls only when every unit has N x P <= max(budget, P): see benchmarks/RESULTS.md (issue 19)
-    for the units `shared_scoring.plan` forms today, which can exceed it;
-  * a typical twin (time): a representative unit / call shape with `calls_per_step` counted in
-    equivalent calls (the step's padded work / one call's), given as `SharedTypical` (the
-    simulation in benchmarks/teacher_tokens.py passes the plan's own numbers) or estimated from
-    the config's mean lengths (`estimate_typical`).
+  * largest shape (memory): rows of the widest W (the budget's bucket, or teacher_max_len's
+    when longer) with every token scored;
+  * a typical twin (time): the same row width with the step's scored tokens per row, its
+    `calls_per_step` = the step's useful tokens x the packing overhead / (blocks x W), and the
+    attention tiles it computes (`tile_density`) from a row packed with mean-length groups.
+    `SharedTypical` carries those numbers; benchmarks/teacher_tokens.py passes its simulated
+    plans' own, `estimate_typical` derives them from the config's mean lengths.
 
-Methods: rlcsd / rlsd / rlsd_ectr score log-probs of every valid context (one continuation
-program); opsd and opsd_ectr's correct context its top-k, opsd_ectr's wrong context at those ids;
-sdpo / srpo at the student's top-k ids (srpo with the entropy).
+Methods: rlcsd / rlsd / rlsd_ectr score log-probs of every valid context (one pass); opsd and
+opsd_ectr's correct context its top-k, opsd_ectr's wrong context at those ids (a second pass,
+"score/teacher_shared_wrong"); sdpo / srpo at the student's top-k ids (srpo with the entropy).
 """
 
 from __future__ import annotations
@@ -27,42 +24,35 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from rlcsd_jax import scoring_prefix
-from rlcsd_jax.data.packing import bucket_length, default_bucket
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import programs as programs_lib
+from rlcsd_jax.trainer import shared_scoring
 
 # Tokens of a teacher prompt beyond the student prompt and the hint's text: the teacher
 # message's fixed sentences, the hint's answer line and the chat template (Qwen3: ~64).
 TEMPLATE_TOKENS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class CallShape:
-    """One kind of call at a representative shape and how many of them a step runs.
-
-    per_block: prefixes (prefix_kv) or rows (continuation_stats) per device block;
-    prefix_width: P; response_width: T (continuation only, else 0);
-    calls: equivalent calls per step (the step's padded model FLOPs of this kind over one
-      call's); tokens: useful tokens per equivalent call (real prefix / response tokens);
-    model_flops: useful model FLOPs per equivalent call."""
-
-    per_block: int
-    prefix_width: int
-    response_width: int
-    calls: float
-    tokens: float
-    model_flops: float
+# Computed / useful tokens of the packed plan on the simulated reference workload
+# (benchmarks/teacher_tokens.py: 1.07-1.14 over 3 seeds); used when no simulation is given.
+PACKING_OVERHEAD = 1.15
+# Splash's query / key tile on v5p (`models.splash._BLOCKS`): the tile-density estimate's grain.
+TILE = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class SharedTypical:
-    """The typical prefix and continuation calls of a step (one CallShape per kind; a method
-    with two continuation passes, opsd_ectr, shares the rows between them)."""
+    """A step's typical shared teacher scoring: calls per step (equivalent calls of one row per
+    block of `width`), scored tokens per row, useful tokens and model FLOPs per call, and the
+    share of attention tiles each pass computes."""
 
-    prefix: CallShape
-    continuation: CallShape
+    width: int
+    scored: int
+    calls: float
+    tokens: float
+    model_flops: float
+    tile_density: float
     source: str = "estimate"
 
 
@@ -82,53 +72,87 @@ def prefix_flops(mcfg, rows: int, width: int) -> float:
     return flops.forward_flops(mcfg, rows, width, head_tokens=0)
 
 
-def largest_prefix_width(cfg) -> int:
-    """The widest prefix batch: a prompt of teacher_max_len - 1 tokens (one response token)."""
-    buckets = tuple(cfg.train.teacher_buckets) or None
-    return bucket_length(max(cfg.train.teacher_max_len - 1, 1), buckets)
+def largest_width(cfg) -> int:
+    """The widest packed row: the budget's, or one prefix + response of teacher_max_len."""
+    return shared_scoring.row_width(cfg.train.teacher_max_len, cfg.train.micro_batch_tokens,
+                                    cfg.train.micro_batch_tokens)
 
 
-def largest_response_width(cfg) -> int:
-    """Continuation widths take the default bucket rule (`shared_scoring._calls`)."""
-    return default_bucket(cfg.rollout.max_new_tokens)
+def tile_density(segments: np.ndarray, prefix_q: np.ndarray, prefix_k: np.ndarray,
+                 tile: int = TILE) -> float:
+    """Mean share of (query tile, key tile) pairs the two passes of shared-prefix rows compute:
+    causal and with intersecting segment-id ranges (`models.splash._skip_by_segments`).  Rows
+    [R, W]; the tile is min(tile, W), which must divide W."""
+    w = segments.shape[-1]
+    tile = min(tile, w)
+    if w % tile:
+        raise ValueError(f"row width {w} is not a multiple of the {tile}-token tile")
+    n = w // tile
+    causal = np.tril(np.ones((n, n), bool))
+
+    def live(q_seg, k_seg):
+        def ranges(x):
+            b = x.reshape(-1, n, tile)
+            real = b != 0
+            return (np.where(real, b, np.iinfo(np.int32).max).min(-1),
+                    np.where(real, b, np.iinfo(np.int32).min).max(-1))
+        q_lo, q_hi = ranges(q_seg)
+        k_lo, k_hi = ranges(k_seg)
+        meet = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])
+        return (meet & causal).mean()
+
+    return float((live(segments, segments) + live(prefix_q, prefix_k)) / 2)
+
+
+def _mean_row(width: int, prefix: int, response: int, per_prefix: int) -> dict:
+    """`shared_scoring.call_arrays` of one row of `width` filled with groups of a `prefix`-token
+    prefix and up to `per_prefix` responses of `response` tokens (the typical layout)."""
+    rows, members, used = [], [], 0
+    while used + prefix + response <= width:
+        fit = min(per_prefix, (width - used - prefix) // response)
+        ids = list(range(len(rows), len(rows) + fit))
+        key = (len(members) + 1,) * prefix
+        rows += [shared_scoring.Row(i, 0, key, (1,) * response) for i in ids]
+        members.append(shared_scoring.Piece(key, ids))
+        used += prefix + fit * response
+    scored = shared_scoring.response_bucket(max(len(rows) * response, 1))
+    p = shared_scoring.Plan(rows, [shared_scoring.Call([members], min(scored, width))], 1, width)
+    return shared_scoring.call_arrays(p.calls[0], p, 0)[0]
 
 
 def estimate_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) -> SharedTypical:
     """A step's typical shared teacher scoring from the config's mean lengths, without a
     workload: every rollout kept with every context valid, each of the G rollouts of a group a
     hint (self-rollout methods; one ground-truth prefix per group otherwise), a teacher prefix
-    = mean prompt + TEMPLATE_TOKENS + a mean response; batches filled to the token budget."""
-    budget = cfg.train.micro_batch_tokens
-    buckets = tuple(cfg.train.teacher_buckets) or None
+    = mean prompt + TEMPLATE_TOKENS + a mean response; rows packed at PACKING_OVERHEAD."""
     m = cfg.method
     rows = sh.prompts * sh.group
     contexts = rows * sh.teacher_contexts
     prefixes = rows if m in batches_lib.SELF_ROLLOUT_METHODS else sh.prompts
-    # the typical prompt step_shapes assumes (a quarter of max_prompt_len by default)
     mean_prompt = getattr(sh, "mean_prompt_len", 0) or max(cfg.data.max_prompt_len // 4, 1)
     mean_p = min(mean_prompt + TEMPLATE_TOKENS + sh.mean_response_len,
                  cfg.train.teacher_max_len - 1)
-    # per mini-batch (the trainer plans each one), per device block
-    per_block_prefixes = -(-prefixes // (sh.minibatches * shards))
-    per_block_contexts = -(-contexts // (sh.minibatches * shards))
-    p = bucket_length(mean_p, buckets)
-    n = min(max(1, budget // p), programs_lib._pow2(per_block_prefixes))
-    t = default_bucket(sh.mean_response_len)
-    r = min(max(1, budget // (p + t)), programs_lib._pow2(per_block_contexts))
-    prefix_calls = prefixes / (n * shards)
-    cont_calls = contexts / (r * shards)
+    mean_r = sh.mean_response_len
+    useful = prefixes * mean_p + contexts * mean_r
+    per_minibatch = useful / sh.minibatches / shards
+    width = shared_scoring.row_width(mean_p + mean_r, int(per_minibatch),
+                                     cfg.train.micro_batch_tokens)
+    calls = useful * PACKING_OVERHEAD / (shards * width)
+    per_prefix = max(1, round(contexts / prefixes))
+    layout = _mean_row(width, mean_p, mean_r, per_prefix)
+    flops = (prefix_flops(mcfg, prefixes, mean_p)
+             + continuation_flops(mcfg, contexts, mean_p, mean_r))
     return SharedTypical(
-        prefix=CallShape(n, p, 0, prefix_calls, prefixes * mean_p / prefix_calls,
-                         prefix_flops(mcfg, prefixes, mean_p) / prefix_calls),
-        continuation=CallShape(r, p, t, cont_calls, contexts * sh.mean_response_len / cont_calls,
-                               continuation_flops(mcfg, contexts, mean_p, sh.mean_response_len)
-                               / cont_calls),
+        width=width, scored=int(layout["targets"].shape[1]), calls=calls, tokens=useful / calls,
+        model_flops=flops / calls,
+        tile_density=tile_density(layout["segment_ids"][None], layout["prefix_q_seg"][None],
+                                  layout["prefix_k_seg"][None]),
         source="estimate from the mean lengths")
 
 
 def _passes(method: str, top_k: int) -> list[tuple[str, dict, bool, float]]:
     """(name suffix, static keywords, takes at_ids, share of the step's teacher rows) of each
-    continuation pass of `method` (as `shared_passes.teacher_pass` runs them)."""
+    scoring pass of `method` (as `shared_passes.teacher_pass` runs them)."""
     if method in ("sdpo", "srpo"):
         return [("", dict(entropy=method == "srpo"), True, 1.0)]
     if method == "opsd":
@@ -139,74 +163,51 @@ def _passes(method: str, top_k: int) -> list[tuple[str, dict, bool, float]]:
 
 
 def teacher_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards: int,
-                     sh: programs_lib.Shapes, lower_dependent,
+                     sh: programs_lib.Shapes,
                      typical: SharedTypical | None = None) -> list[programs_lib.Program]:
     """The shared path's teacher-scoring programs, largest shapes with their typical twins:
-    "score/teacher_prefix" (prefix_kv) and "score/teacher_continuation" (continuation_stats;
-    opsd_ectr also "score/teacher_continuation_wrong").  `state` is the abstract TrainState,
-    `shards` the batch devices (data x fsdp), lower_dependent(program) -> its abstract outputs
-    (the prefix cache the continuations take)."""
+    "score/teacher_shared" (opsd_ectr also "score/teacher_shared_wrong").  `state` is the
+    abstract TrainState, `shards` the batch devices (data x fsdp)."""
     cfg, mesh, mcfg = rs.cfg, rs.mesh, rs.model_config
     typ = typical or estimate_typical(cfg, mcfg, shards, sh)
     tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
     resident = (state.opt_state, state.ref,
                 state.teacher if spec.teacher_mode == "fixed" else state.params)
-    b = lambda shape, dtype=jnp.int32: programs_lib.batch_array(shape, dtype, mesh)  # noqa: E731
+    b = lambda shape: programs_lib.batch_array(shape, jnp.int32, mesh)  # noqa: E731
 
-    def prefix_program(per_block, width, typical_shape: CallShape | None):
-        rows = shards * per_block
-        ids = b((rows, width))
-        if typical_shape is None:
-            calls, tokens = typ.prefix.calls, rows * width
-            model = prefix_flops(mcfg, rows, width)
+    def program(suffix, kw, takes_ids, share, width, scored, typical_shape):
+        rows = b((shards, width))
+        at = programs_lib.batch_array((shards, scored, spec.top_k), jnp.int32, mesh) \
+            if takes_ids else None
+        kwargs = dict(chunk=spec.chunk, temperature=spec.temperature, **kw,
+                      tile_density=typ.tile_density if typical_shape else None)
+        if typical_shape:
+            calls, tokens, model = typ.calls * share, typ.tokens, typ.model_flops
         else:
-            calls, tokens = typical_shape.calls, typical_shape.tokens
-            model = typical_shape.model_flops
+            calls, tokens = typ.calls * share, shards * width
+            model = continuation_flops(mcfg, shards, 0, width)
         return programs_lib.Program(
-            "score/teacher_prefix", "score", scoring_prefix.prefix_kv,
-            (graphdef, tparams, ids, ids), {}, calls, tokens, model,
-            what=f"{rows} prefixes ({per_block} per block) x {width} tokens -> KV",
-            resident=resident, is_typical=typical_shape is not None)
+            f"score/teacher_shared{suffix}", "score", scoring_prefix.shared_prefix_stats,
+            (graphdef, tparams, rows, rows, rows, rows, rows, b((shards, scored)),
+             b((shards, scored)), at), kwargs, calls, tokens, model,
+            what=f"{shards} shared-prefix rows (1 per block) x {width} tokens, {scored} scored"
+                 + (f", attention tiles {typ.tile_density:.3f}" if typical_shape else ""),
+            resident=resident, is_typical=typical_shape)
 
-    big_p = prefix_program(1, largest_prefix_width(cfg), None)
-    big_p.typical = prefix_program(typ.prefix.per_block, typ.prefix.prefix_width, typ.prefix)
-    out = [big_p]
-    cache_big, cache_typ = lower_dependent(big_p), lower_dependent(big_p.typical)
-
-    def continuation_program(suffix, kw, takes_ids, share, cache, prefix_width, per_block,
-                             width, typical_shape: CallShape | None):
-        rows = shards * per_block
-        at = b((rows, width, spec.top_k)) if takes_ids else None
-        kwargs = dict(shards=shards, chunk=spec.chunk, temperature=spec.temperature, **kw)
-        if typical_shape is None:
-            calls, tokens = typ.continuation.calls * share, rows * width
-            model = continuation_flops(mcfg, rows, prefix_width, width)
-        else:
-            calls = typical_shape.calls * share
-            tokens, model = typical_shape.tokens, typical_shape.model_flops
-        return programs_lib.Program(
-            f"score/teacher_continuation{suffix}", "score", scoring_prefix.continuation_stats,
-            (graphdef, tparams, cache, b((rows,)), b((rows, width)), b((rows, width)), at),
-            kwargs, calls, tokens, model,
-            what=f"{rows} rows ({per_block} per block) x {width} tokens over prefixes of "
-                 f"{prefix_width}", resident=resident, is_typical=typical_shape is not None)
-
-    c = typ.continuation
+    out = []
+    width = largest_width(cfg)
     for suffix, kw, takes_ids, share in _passes(spec.method, spec.top_k):
-        big = continuation_program(suffix, kw, takes_ids, share, cache_big,
-                                   big_p.args[2].shape[1], 1, largest_response_width(cfg), None)
-        big.typical = continuation_program(suffix, kw, takes_ids, share, cache_typ,
-                                           typ.prefix.prefix_width, c.per_block,
-                                           c.response_width, c)
+        big = program(suffix, kw, takes_ids, share, width, width, False)
+        big.typical = program(suffix, kw, takes_ids, share, typ.width, typ.scored, True)
         out.append(big)
     return out
 
 
 def standalone(rs: programs_lib.RunSetup, *, mean_response_len: int | None = None,
-               typical: SharedTypical | None = None, lower_dependent=None,
+               typical: SharedTypical | None = None,
                shapes: programs_lib.Shapes | None = None) -> list[programs_lib.Program]:
     """`teacher_programs` of a run outside `programs.build` (the abstract train state and the
-    step's shapes made as build makes them); default lower_dependent: `programs.like_outputs`."""
+    step's shapes made as build makes them)."""
     from rlcsd_jax.trainer import setup
 
     cfg, mesh = rs.cfg, rs.mesh
@@ -216,8 +217,5 @@ def standalone(rs: programs_lib.RunSetup, *, mean_response_len: int | None = Non
     need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
     graphdef, params = programs_lib.abstract_params(rs.model_config, mesh)
     state = programs_lib.abstract_state(params, spec, need_ref, mesh)
-    if lower_dependent is None:
-        def lower_dependent(p):
-            return programs_lib.like_outputs(p.fn, p.args, p.kwargs, mesh)
     return teacher_programs(rs, graphdef=graphdef, state=state, spec=spec, shards=shards, sh=sh,
-                            lower_dependent=lower_dependent, typical=typical)
+                            typical=typical)

@@ -5,13 +5,17 @@ rollout (the correct hint, and each real wrong hint: empty wrong-hint slots are 
 the prefix being the teacher prompt left-truncated exactly as full-row scoring does.  Student
 rows: one per rollout, the prefix being its prompt (the G rollouts of a prompt share it).
 
-Rows are grouped by prefix; each prefix and all its rows go to one device block (`shard`), the
-blocks balanced by tokens.  Each block's prefixes are taken longest first; a unit runs the
-next N prefixes of every block at the width P of the longest of them, N x P <= `budget` tokens
-per device (`prefix_kv`), then those prefixes' rows in calls of at most `budget` tokens of
-(prefix + response) per device (`continuation_stats`).  Every process plans its own blocks; the processes agree on
-the number and shapes of the units and calls (small all-gathers), so the SPMD programs stay in
-lockstep.
+Rows are grouped by prefix; a group is the prefix followed by the responses of its rows, cut
+into pieces of at most `width` tokens when it is longer (the prefix is then computed once per
+piece).  Pieces are packed first-fit-decreasing into shared-prefix rows of `width` tokens, and
+each call runs one row per device block (`scoring_prefix.shared_prefix_stats`): the only
+padding is the end of each row and the empty rows of the last call.  width = the token budget
+per device, or less when one call's worth of rows would be mostly empty (the work / shards),
+and at least the longest single prefix + response; rounded by `data.packing.default_bucket`.
+Wide rows pack best (benchmarks/teacher_tokens.py), and attention skips the tiles between
+sequences, so a wide row costs what its sequences need.
+Every process plans its own rows; the processes agree on the width, the number of calls and
+each call's scored width (small all-gathers), so the SPMD programs stay in lockstep.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from rlcsd_jax import multihost
-from rlcsd_jax.data.packing import bucket_length
+from rlcsd_jax.data.packing import bucket_length, default_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,34 +37,33 @@ class Row:
 
 
 @dataclasses.dataclass
-class Call:
-    """One continuation call: this process's rows of it, per block (lists of Row indices)."""
+class Piece:
+    """A prefix and the rows scored after it, laid out back to back in a packed row."""
 
-    rows: list            # [shards][...] row ids
-    rows_per_block: int   # r (static)
-    width: int            # T (static)
+    prefix: tuple
+    rows: list            # row ids
 
 
 @dataclasses.dataclass
-class Unit:
-    prefixes: list        # [shards][...] prefix keys of this unit
-    per_block: int        # N (static)
-    width: int            # P (static)
-    calls: list           # [Call]
+class Call:
+    """One call: this process's packed rows (one per device block, a list of Pieces each; rows
+    past the process's last are empty), `scored` scored tokens each."""
+
+    packed: list          # [shards][Piece]
+    scored: int           # N (static)
 
 
 @dataclasses.dataclass
 class Plan:
     rows: list            # [Row]
-    units: list           # [Unit]
+    calls: list           # [Call]
     shards: int           # this process's device blocks
+    width: int            # W, tokens per packed row (static)
 
     def counters(self) -> dict:
         """Tokens the programs compute (padded shapes, this process) and the useful ones (real
         prefix tokens, each distinct prefix once, plus real response tokens)."""
-        computed = sum(self.shards * u.per_block * u.width
-                       + sum(self.shards * c.rows_per_block * c.width for c in u.calls)
-                       for u in self.units)
+        computed = len(self.calls) * self.shards * self.width
         return {"tokens_computed": float(computed), "tokens_useful": useful_tokens(self.rows)}
 
 
@@ -70,100 +73,123 @@ def useful_tokens(rows: list[Row]) -> float:
                  + sum(len(r.response) for r in rows))
 
 
-def plan(rows: list[Row], *, shards: int, budget: int, buckets=None) -> Plan:
-    """Units and calls for `rows` on `shards` device blocks of this process (see module doc)."""
-    by_prefix: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_prefix.setdefault(row.prefix, []).append(i)
-    cost = {p: len(p) + sum(len(rows[i].response) for i in ids) for p, ids in by_prefix.items()}
-    blocks = [[] for _ in range(shards)]
-    load = [0] * shards
-    for p in sorted(by_prefix, key=lambda p: -cost[p]):       # longest first, to the lightest
-        b = int(np.argmin(load))
-        blocks[b].append(p)
-        load[b] += cost[p]
-    # Each block's prefixes longest first; unit u takes the next N of every block, its width
-    # the bucket of the longest of them (over every block and process) and N what the budget
-    # allows at that width (N x P <= budget, or one prefix of P > budget): every unit stays
-    # within the per-device token budget and similar lengths share a unit.
-    blocks = [sorted(block, key=len, reverse=True) for block in blocks]
-    pointer = [0] * shards
-    units = []
-    while (left := multihost.global_max(max(len(b) - p for b, p in zip(blocks, pointer)))) > 0:
-        head = max((len(b[p]) for b, p in zip(blocks, pointer) if p < len(b)), default=1)
-        width = _agree_bucket(head, buckets)
-        per_block = min(max(1, budget // width), 1 << max(left - 1, 0).bit_length())
-        members = [b[p:p + per_block] for b, p in zip(blocks, pointer)]
-        pointer = [p + per_block for p in pointer]
-        unit_rows = [[i for p in m for i in by_prefix[p]] for m in members]
-        # Response widths take their own finer rule (`response_bucket`): `buckets`
-        # (train.teacher_buckets) size whole scoring rows, far wider than a response alone.
-        units.append(Unit(members, per_block, width, _calls(unit_rows, rows, width, budget)))
-    return Plan(rows, units, shards)
-
-
 RESPONSE_STEP = 512
 
 
 def response_bucket(n: int) -> int:
-    """Continuation widths: the default bucket up to RESPONSE_STEP, then its multiples (powers
-    of two waste up to half of a 4k-8k response)."""
+    """Scored widths: the default bucket up to RESPONSE_STEP, then its multiples."""
     return bucket_length(n) if n <= RESPONSE_STEP else -(-n // RESPONSE_STEP) * RESPONSE_STEP
 
 
-def _agree_bucket(length: int, buckets) -> int:
-    return bucket_length(multihost.global_max(length), buckets)
+# Room left in the rows for first-fit's slack when the width is sized to the work.
+PACKING_SLACK = 1.03
 
 
-def _calls(unit_rows: list[list[int]], rows: list[Row], prefix_width: int,
-           budget: int) -> list[Call]:
-    """The unit's rows (longest response first) in calls of r rows per block, r x (P + T) <=
-    budget tokens per device (at least one row)."""
-    order = [sorted(block, key=lambda i: -len(rows[i].response)) for block in unit_rows]
-    pointer = [0] * len(order)
+def row_width(longest: int, work: int, budget: int) -> int:
+    """Packed-row width (module doc): the work per device (`work` tokens) split evenly over
+    the fewest calls of at most `budget` tokens, with PACKING_SLACK, but at least `longest`;
+    bucketed."""
+    calls = max(1, -(-int(work * PACKING_SLACK) // budget))
+    return default_bucket(max(longest, min(budget, -(-int(work * PACKING_SLACK) // calls))))
+
+
+def pieces(rows: list[Row], width: int) -> list[Piece]:
+    """Each prefix with its rows (longest response first), cut where prefix + responses would
+    pass `width` tokens."""
+    by_prefix: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if not row.prefix:
+            raise ValueError(f"scoring row {i} (rollout {row.rollout}, context {row.context}) "
+                             "has an empty prefix: no state predicts its first response token")
+        if row.response:
+            by_prefix.setdefault(row.prefix, []).append(i)
+    out = []
+    for prefix, ids in by_prefix.items():
+        piece, size = Piece(prefix, []), len(prefix)
+        for i in sorted(ids, key=lambda i: -len(rows[i].response)):
+            n = len(rows[i].response)
+            if piece.rows and size + n > width:
+                out.append(piece)
+                piece, size = Piece(prefix, []), len(prefix)
+            piece.rows.append(i)
+            size += n
+        out.append(piece)
+    return out
+
+
+def _size(piece: Piece, rows: list[Row]) -> int:
+    return len(piece.prefix) + sum(len(rows[i].response) for i in piece.rows)
+
+
+def pack(items: list[Piece], rows: list[Row], width: int) -> list[list[Piece]]:
+    """First-fit decreasing of the pieces into rows of `width` tokens (fullest rows first)."""
+    packed: list[tuple[int, list]] = []
+    for piece in sorted(items, key=lambda p: -_size(p, rows)):
+        n = _size(piece, rows)
+        for k, (used, members) in enumerate(packed):
+            if used + n <= width:
+                packed[k] = (used + n, members + [piece])
+                break
+        else:
+            packed.append((n, [piece]))
+    return [members for _, members in sorted(packed, key=lambda x: -x[0])]
+
+
+def plan(rows: list[Row], *, shards: int, budget: int) -> Plan:
+    """Pieces, packed rows and calls for `rows` on `shards` device blocks (see module doc)."""
+    longest = multihost.global_max(max((len(r.prefix) + len(r.response) for r in rows),
+                                       default=1))
+    work = multihost.global_max(-(-int(useful_tokens(rows)) // shards))
+    width = row_width(longest, work, budget)
+    packed = pack(pieces(rows, width), rows, width)
+    n_calls = multihost.global_max(-(-len(packed) // shards))
     calls = []
-    # A block's pointer may run past its end (r rows taken from a shorter block): > 0, not != 0.
-    while multihost.global_max(max((len(o) - p for o, p in zip(order, pointer)), default=0)) > 0:
-        head = max((len(rows[o[p]].response) for o, p in zip(order, pointer) if p < len(o)),
-                   default=1)
-        width = response_bucket(multihost.global_max(head))
-        left = multihost.global_max(max(len(o) - p for o, p in zip(order, pointer)))
-        per_block = min(max(1, budget // (prefix_width + width)),
-                        1 << max(left - 1, 0).bit_length())
-        chosen = [o[p:p + per_block] for o, p in zip(order, pointer)]
-        calls.append(Call(chosen, per_block, width))
-        pointer = [p + per_block for p in pointer]
-    return calls
+    for c in range(n_calls):
+        members = packed[c * shards:(c + 1) * shards]
+        members += [[] for _ in range(shards - len(members))]
+        scored = max((sum(len(rows[i].response) for p in m for i in p.rows) for m in members),
+                     default=1)
+        scored = min(response_bucket(multihost.global_max(max(scored, 1))), width)
+        calls.append(Call(members, scored))
+    return Plan(rows, calls, shards, width)
 
 
-def prefix_arrays(unit: Unit, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[shards * N, P] left-padded prefix ids and mask of a unit (this process's blocks)."""
-    n, p = unit.per_block, unit.width
-    ids = np.full((len(unit.prefixes) * n, p), pad_id, np.int32)
-    mask = np.zeros_like(ids)
-    for b, members in enumerate(unit.prefixes):
-        for j, prefix in enumerate(members):
-            row = b * n + j
-            if prefix:
-                ids[row, p - len(prefix):] = prefix
-                mask[row, p - len(prefix):] = 1
-    return ids, mask
-
-
-def call_arrays(call: Call, unit: Unit, rows: list[Row], pad_id: int):
-    """(prefix index [shards * r] local to the block, ids / mask [shards * r, T]) of a call."""
-    r, t = call.rows_per_block, call.width
-    local = [{p: j for j, p in enumerate(members)} for members in unit.prefixes]
-    index = np.zeros(len(call.rows) * r, np.int32)
-    ids = np.full((len(call.rows) * r, t), pad_id, np.int32)
-    mask = np.zeros_like(ids)
-    for b, block in enumerate(call.rows):
-        for j, i in enumerate(block):
-            row, out = rows[i], b * r + j
-            index[out] = local[b][row.prefix]
-            ids[out, :len(row.response)] = row.response
-            mask[out, :len(row.response)] = 1
-    return index, ids, mask
+def call_arrays(call: Call, p: Plan, pad_id: int) -> tuple[dict, dict]:
+    """Host arrays of a call (`scoring_prefix.shared_prefix_stats`' inputs: input_ids,
+    positions, segment_ids, prefix_q_seg, prefix_k_seg [R, W]; pred_index, targets [R, N]) and
+    where each row's scores land: {row id: (packed row, first scored index)}."""
+    n_rows, w, n = len(call.packed), p.width, call.scored
+    arr = dict(input_ids=np.full((n_rows, w), pad_id, np.int32),
+               **{k: np.zeros((n_rows, w), np.int32) for k in
+                  ("positions", "segment_ids", "prefix_q_seg", "prefix_k_seg")},
+               pred_index=np.zeros((n_rows, n), np.int32), targets=np.zeros((n_rows, n), np.int32))
+    where = {}
+    for j, members in enumerate(call.packed):
+        at = scored = 0
+        seg = 1
+        for group, piece in enumerate(members, start=1):
+            plen = len(piece.prefix)
+            sl = slice(at, at + plen)
+            arr["input_ids"][j, sl] = piece.prefix
+            arr["positions"][j, sl] = np.arange(plen)
+            arr["segment_ids"][j, sl] = seg
+            arr["prefix_k_seg"][j, sl] = group
+            last = at + plen - 1                 # the state predicting each first token
+            at, seg = at + plen, seg + 1
+            for i in piece.rows:
+                resp = p.rows[i].response
+                n_resp = len(resp)
+                sl = slice(at, at + n_resp)
+                arr["input_ids"][j, sl] = resp
+                arr["positions"][j, sl] = np.arange(plen, plen + n_resp)
+                arr["segment_ids"][j, sl] = seg
+                arr["prefix_q_seg"][j, sl] = group
+                arr["pred_index"][j, scored:scored + n_resp] = np.concatenate(
+                    [[last], np.arange(at, at + n_resp - 1)])
+                arr["targets"][j, scored:scored + n_resp] = resp
+                where[i] = (j, scored)
+                at, scored, seg = at + n_resp, scored + n_resp, seg + 1
+    return arr, where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,31 +219,26 @@ def teacher_rows(rollouts, contexts, rows: np.ndarray, positions: np.ndarray, *,
     return out
 
 
-def run(p: Plan, *, prefix_fn, continuation_fn, put, get, pad_id: int,
-        at_ids=None) -> list[dict]:
+def run(p: Plan, *, score_fn, put, get, pad_id: int, at_ids=None) -> list[dict]:
     """Score every row: per row a dict of host arrays [len(response), ...].
 
-    prefix_fn(ids, mask) -> cache; continuation_fn(cache, index, ids, mask, at_ids) -> stats
-    (both on global arrays); put / get: host <-> global arrays (this process's blocks);
-    at_ids(row_id) -> [len(response), k] ids to score each row at, or None."""
-    out: list = [None] * len(p.rows)
-    for unit in p.units:
-        cache = prefix_fn(*put(prefix_arrays(unit, pad_id)))
-        for call in unit.calls:
-            index, ids, mask = call_arrays(call, unit, p.rows, pad_id)
-            at = None
-            if at_ids is not None:
-                at = np.zeros((*ids.shape, at_ids(0).shape[-1]), np.int32)
-                for b, block in enumerate(call.rows):
-                    for j, i in enumerate(block):
-                        got = at_ids(i)
-                        at[b * call.rows_per_block + j, :len(got)] = got
-                at = put(at)
-            stats = get(continuation_fn(cache, *put((index, ids, mask)), at))
-            for b, block in enumerate(call.rows):
-                for j, i in enumerate(block):
-                    n = len(p.rows[i].response)
-                    out[i] = {k: v[b * call.rows_per_block + j, :n] for k, v in stats.items()}
+    score_fn(**call_arrays, at_ids) -> stats (on global arrays); put / get: host <-> global
+    arrays (this process's blocks); at_ids(row_id) -> [len(response), k] ids to score each
+    row at, or None."""
+    out: list = [{} for _ in p.rows]
+    for call in p.calls:
+        arrays, where = call_arrays(call, p, pad_id)
+        at = None
+        if at_ids is not None:
+            at = np.zeros((*arrays["targets"].shape, at_ids(0).shape[-1]), np.int32)
+            for i, (j, s) in where.items():
+                got = at_ids(i)
+                at[j, s:s + len(got)] = got
+            at = put(at)
+        stats = get(score_fn(**dict(zip(arrays, put(tuple(arrays.values())))), at_ids=at))
+        for i, (j, s) in where.items():
+            n = len(p.rows[i].response)
+            out[i] = {k: v[j, s:s + n] for k, v in stats.items()}
     return out
 
 
@@ -228,5 +249,6 @@ def per_rollout(p: Plan, outputs: list[dict], key: str, n_rollouts: int, context
     dtype = np.int32 if key == "topk_ids" else np.float32
     arr = np.zeros((contexts, n_rollouts, width, *trailing), dtype)
     for row, o in zip(p.rows, outputs):
-        arr[row.context, row.rollout, :len(o[key])] = o[key]
+        if key in o:                              # an empty response has no statistics
+            arr[row.context, row.rollout, :len(o[key])] = o[key]
     return arr

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlcsd_jax import scoring_prefix
+from rlcsd_jax.data.packing import default_bucket
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import programs as programs_lib
 from rlcsd_jax.trainer import shared_scoring
@@ -73,9 +74,9 @@ def prefix_flops(mcfg, rows: int, width: int) -> float:
 
 
 def largest_width(cfg) -> int:
-    """The widest packed row: the budget's, or one prefix + response of teacher_max_len."""
-    return shared_scoring.row_width(cfg.train.teacher_max_len, cfg.train.micro_batch_tokens,
-                                    cfg.train.micro_batch_tokens)
+    """The widest packed row `shared_scoring.row_width` can give: the budget's, or one prefix +
+    response of teacher_max_len's when longer."""
+    return default_bucket(max(cfg.train.teacher_max_len, cfg.train.micro_batch_tokens))
 
 
 def tile_density(segments: np.ndarray, prefix_q: np.ndarray, prefix_k: np.ndarray,

@@ -363,7 +363,7 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     c_full, c_shared = comp["full rows (planner)"], comp["shared-prefix rows"]
     sim_pf = np.mean([r["flops_full_trainer"] for r in results]) / 1e15
     useful_pf = np.mean([r["flops_useful"] for r in results]) / 1e15
-    floor = useful_pf * 1e15 / (sl.chip.peak_flops * sl.devices)
+    floor = useful_pf * 1e15 / (sl.chip.peak_flops * mesh.size)
     numbers["useful_seconds"] = floor
     lines += ["", f"Teacher-scoring phase per step (roofline): full rows as the planner models "
               f"them (`programs.build`'s typical twin at mean response {mean_len:,} × its "
@@ -373,7 +373,7 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
               f"({t_full / t_shared:.1f}× less than the planner's full rows, "
               f"{t_trainer / t_shared:.1f}× less than the simulated ones).  Compute term only: "
               f"full rows {c_full:.1f} s, shared {c_shared:.1f} s ({c_full / c_shared:.1f}×).  "
-              f"The useful work alone ({useful_pf:.0f} PFLOP at peak on {sl.devices} chips) "
+              f"The useful work alone ({useful_pf:.0f} PFLOP at peak on {mesh.size} devices) "
               f"takes {floor:.1f} s: no plan can be more than {t_full / floor:.1f}× faster "
               f"than the planner's full rows."]
     return lines, numbers

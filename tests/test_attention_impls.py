@@ -202,3 +202,17 @@ def test_shared_prefix_rows_with_a_padding_block_stay_finite(impl):
     a = [jnp.asarray(x) for x in (pos, pos, seg, seg, pq, pk)]
     got = attention_impls.shared_prefix_attention(impl, q, k, v, *a)
     assert np.isfinite(np.asarray(got)).all()
+
+
+def test_splash_marks_the_tiles_between_packed_sequences_empty():
+    """With segment skipping (the shared-prefix passes), a 512-token row of four 128-token
+    sequences keeps only the 4 diagonal tiles of the causal kernel's 10 (128-token tiles)."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from rlcsd_jax.models import splash
+
+    kernel = splash._kernel(1, 512, 512, None, 128, 128, True, True)
+    seg = jnp.asarray(np.repeat([1, 2, 3, 4], 128), jnp.int32)
+    static = np.asarray(kernel.fwd_mask_info.block_mask)
+    dynamic = np.asarray(splash._skip_by_segments(kernel, seg, seg, 128, 128)
+                         .fwd_mask_info.block_mask)
+    assert (static != 0).sum() == 10 and (dynamic != 0).sum() == 4

@@ -25,6 +25,8 @@ def temporaries(cfg, slice_name: str, lengths=(8192, 32768), programs=("score/ol
     from rlcsd_jax.planner import compile as compile_lib
     from rlcsd_jax.trainer import programs as programs_lib
 
+    cfg = cfg.copy_and_resolve_references()
+    cfg.train.share_teacher_prefixes = False    # whole rows: the forward at one row's length
     sl = topology.get_slice(slice_name)
     mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
                               devices=sl.devices)
@@ -32,7 +34,7 @@ def temporaries(cfg, slice_name: str, lengths=(8192, 32768), programs=("score/ol
     out = {}
     for length in lengths:
         base = programs_lib.step_shapes(cfg, devices)
-        shape = programs_lib.MicroShape(devices, length, 0, length // 2)
+        shape = programs_lib.MicroShape(devices, length, length, length // 2)
         shapes = base.__class__(**{**base.__dict__, "student_max": shape, "typical": shape,
                                    "teacher_max": shape})
         rs = plan.run_setup_for(cfg, mesh)

@@ -122,3 +122,42 @@ def test_simulated_counters_are_consistent(step):
         r["useful"] + s["row_end"] + s["empty_rows"] + s["duplicated_prefix"])
     assert r["useful"] <= s["computed"] <= 1.2 * r["useful"] < r["full_trainer"]
     assert 0 < s["tile_density"] < 0.5
+
+
+def test_student_programs_are_the_student_pass_calls(tmp_path, monkeypatch):
+    """`programs.build` with sharing on prices the student passes the trainer makes (old
+    log-probs with entropies; sdpo's top-k of the live student) as shared-prefix programs with
+    the same static keywords, and no full-row "score/old_logprobs"."""
+    import collections
+
+    from rlcsd_jax.trainer import programs as programs_lib
+
+    fake_rollouts.install(monkeypatch.setattr, PATTERN)
+    for method in ("rlcsd", "sdpo"):
+        cfg = _config(tmp_path / method, method)
+        tr = loop.Trainer(cfg, str(tmp_path / method))
+        calls = []
+        real = scoring_prefix.shared_prefix_stats
+        with monkeypatch.context() as m:
+            def wrapped(*args, **kwargs):
+                calls.append(kwargs)
+                return real(*args, **kwargs)
+            m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
+            with jax.set_mesh(tr.mesh):
+                ro, ctx = _step_inputs(tr, cfg)
+                kept = np.asarray(ctx.kept)
+                tr._shared_old_logprobs(ro, kept, collections.Counter())
+                if method == "sdpo":
+                    shared_passes.student_pass(tr, ro, kept, tr.state.params,
+                                               width=ro.tokens.shape[1], top_k=tr.spec.top_k)
+        built = programs_lib.build(_run_setup(cfg, tr.mesh))
+        names = {p.name for p in built}
+        assert "score/old_logprobs" not in names and "score/student_topk" not in names
+        student = [p for p in built if p.name.startswith("score/student")]
+
+        def static(kw):
+            return tuple(sorted((k, v) for k, v in kw.items()
+                                if not hasattr(v, "shape") and k != "tile_density"
+                                and v is not None))
+        assert {static(kw) for kw in calls} == {static(p.kwargs) for p in student}, method
+        assert student and all(p.fn is real for p in student)

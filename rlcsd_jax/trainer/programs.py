@@ -584,9 +584,21 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
             2 if need_ref else 1, typical)
 
     prog, sb_max, sb_typ = with_typical(old_logprobs)
-    out.append(prog)
-    sb_max = dict(sb_max, **lower_dependent(prog))
-    sb_typ = dict(sb_typ, **lower_dependent(prog.typical))
+    share = cfg.train.share_teacher_prefixes
+    if share:
+        # `Trainer._shared_old_logprobs`: shared-prefix rows of each prompt and its G
+        # responses; the update takes host arrays of the full-row outputs' shapes.
+        from rlcsd_jax.trainer import shared_programs
+
+        out += shared_programs.student_programs(rs, graphdef=graphdef, state=state, spec=spec,
+                                                shards=devices, sh=sh, need_ref=need_ref)
+        sb_max = dict(sb_max, **like_outputs(prog.fn, prog.args, prog.kwargs, mesh))
+        sb_typ = dict(sb_typ, **like_outputs(prog.typical.fn, prog.typical.args,
+                                             prog.typical.kwargs, mesh))
+    else:
+        out.append(prog)
+        sb_max = dict(sb_max, **lower_dependent(prog))
+        sb_typ = dict(sb_typ, **lower_dependent(prog.typical))
 
     teacher_max, teacher_typ = {}, {}
     if spec.teacher_mode is not None:
@@ -603,8 +615,13 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
             # its inputs are the old-logprob batches (same rows): rebuild with them
             prog.args = (graphdef, state.params, sb_max)
             prog.typical.args = (graphdef, state.params, sb_typ)
-            out.append(prog)
-            ids_max, ids_typ = lower_dependent(prog), lower_dependent(prog.typical)
+            if share:          # priced among the shared student programs above
+                ids_max = like_outputs(prog.fn, prog.args, prog.kwargs, mesh)
+                ids_typ = like_outputs(prog.typical.fn, prog.typical.args,
+                                       prog.typical.kwargs, mesh)
+            else:
+                out.append(prog)
+                ids_max, ids_typ = lower_dependent(prog), lower_dependent(prog.typical)
 
         def teacher_program(shape, ids, typical):
             tb = teacher_batch_spec(c, shape.rows, shape.teacher_width, c - 1, mesh)
@@ -623,11 +640,9 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
         big = teacher_program(big_t, _match_rows(ids_max, big_t.rows, mesh), False)
         big.typical = teacher_program(sh.typical, ids_typ, True)
         big.typical.is_typical = True
-        if cfg.train.share_teacher_prefixes:
+        if share:
             # `shared_passes.teacher_pass`: shared-prefix rows (each distinct prefix once, its
             # responses after it); the update takes host arrays of the full-row outputs' shapes.
-            from rlcsd_jax.trainer import shared_programs
-
             out += shared_programs.teacher_programs(
                 rs, graphdef=graphdef, state=state, spec=spec, shards=devices, sh=sh)
             teacher_max = like_outputs(big.fn, big.args, big.kwargs, mesh)

@@ -1,4 +1,4 @@
-"""The teacher-scoring programs of the shared-prefix path (`train.share_teacher_prefixes`).
+"""The scoring programs of the shared-prefix path (`train.share_teacher_prefixes`).
 
 `shared_passes.teacher_pass` scores a mini-batch with `scoring_prefix.shared_prefix_stats`: one
 shared-prefix row of W tokens per device block per call (each distinct prefix once, followed
@@ -13,6 +13,9 @@ it as `programs.Program`s for the planner and the trainer's start-up memory chec
     attention tiles it computes (`tile_density`) from a row packed with mean-length groups.
     `SharedTypical` carries those numbers; benchmarks/teacher_tokens.py passes its simulated
     plans' own, `estimate_typical` derives them from the config's mean lengths.
+
+The student passes (old and reference log-probs; sdpo / srpo's top-k) take the same program
+over the student's rows, each prompt a prefix (`student_programs`).
 
 Methods: rlcsd / rlsd / rlsd_ectr score log-probs of every valid context (one pass); opsd and
 opsd_ectr's correct context its top-k, opsd_ectr's wrong context at those ids (a second pass,
@@ -121,34 +124,48 @@ def _mean_row(width: int, prefix: int, response: int, per_prefix: int) -> dict:
     return shared_scoring.call_arrays(p.calls[0], p, 0)[0]
 
 
-def estimate_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) -> SharedTypical:
-    """A step's typical shared teacher scoring from the config's mean lengths, without a
-    workload: every rollout kept with every context valid, each of the G rollouts of a group a
-    hint (self-rollout methods; one ground-truth prefix per group otherwise), a teacher prefix
-    = mean prompt + TEMPLATE_TOKENS + a mean response; rows packed at PACKING_OVERHEAD."""
-    m = cfg.method
-    rows = sh.prompts * sh.group
-    contexts = rows * sh.teacher_contexts
-    prefixes = rows if m in batches_lib.SELF_ROLLOUT_METHODS else sh.prompts
-    mean_prompt = getattr(sh, "mean_prompt_len", 0) or max(cfg.data.max_prompt_len // 4, 1)
-    mean_p = min(mean_prompt + TEMPLATE_TOKENS + sh.mean_response_len,
-                 cfg.train.teacher_max_len - 1)
-    mean_r = sh.mean_response_len
-    useful = prefixes * mean_p + contexts * mean_r
+def _estimate(cfg, mcfg, shards: int, sh: programs_lib.Shapes, *, prefixes: int, rows: int,
+              mean_p: int, mean_r: int) -> SharedTypical:
+    """Typical shared-prefix calls of a step with `prefixes` distinct prefixes of `mean_p`
+    tokens and `rows` responses of `mean_r` tokens scored after them: rows packed at
+    PACKING_OVERHEAD, the tile density of a row filled with mean-length groups."""
+    useful = prefixes * mean_p + rows * mean_r
     per_minibatch = useful / sh.minibatches / shards
     width = shared_scoring.row_width(mean_p + mean_r, int(per_minibatch),
                                      cfg.train.micro_batch_tokens)
     calls = useful * PACKING_OVERHEAD / (shards * width)
-    per_prefix = max(1, round(contexts / prefixes))
-    layout = _mean_row(width, mean_p, mean_r, per_prefix)
-    flops = (prefix_flops(mcfg, prefixes, mean_p)
-             + continuation_flops(mcfg, contexts, mean_p, mean_r))
+    layout = _mean_row(width, mean_p, mean_r, max(1, round(rows / prefixes)))
+    flops = prefix_flops(mcfg, prefixes, mean_p) + continuation_flops(mcfg, rows, mean_p, mean_r)
     return SharedTypical(
         width=width, scored=int(layout["targets"].shape[1]), calls=calls, tokens=useful / calls,
         model_flops=flops / calls,
         tile_density=tile_density(layout["segment_ids"][None], layout["prefix_q_seg"][None],
                                   layout["prefix_k_seg"][None]),
         source="estimate from the mean lengths")
+
+
+def _mean_prompt(cfg, sh: programs_lib.Shapes) -> int:
+    # the typical prompt step_shapes assumes (a quarter of max_prompt_len by default)
+    return getattr(sh, "mean_prompt_len", 0) or max(cfg.data.max_prompt_len // 4, 1)
+
+
+def estimate_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) -> SharedTypical:
+    """A step's typical shared teacher scoring from the config's mean lengths, without a
+    workload: every rollout kept with every context valid, each of the G rollouts of a group a
+    hint (self-rollout methods; one ground-truth prefix per group otherwise), a teacher prefix
+    = mean prompt + TEMPLATE_TOKENS + a mean response."""
+    rows = sh.prompts * sh.group
+    prefixes = rows if cfg.method in batches_lib.SELF_ROLLOUT_METHODS else sh.prompts
+    mean_p = min(_mean_prompt(cfg, sh) + TEMPLATE_TOKENS + sh.mean_response_len,
+                 cfg.train.teacher_max_len - 1)
+    return _estimate(cfg, mcfg, shards, sh, prefixes=prefixes, rows=rows * sh.teacher_contexts,
+                     mean_p=mean_p, mean_r=sh.mean_response_len)
+
+
+def estimate_student_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) -> SharedTypical:
+    """The student pass's typical calls: each prompt once, its G responses after it."""
+    return _estimate(cfg, mcfg, shards, sh, prefixes=sh.prompts, rows=sh.prompts * sh.group,
+                     mean_p=_mean_prompt(cfg, sh), mean_r=sh.mean_response_len)
 
 
 def _passes(method: str, top_k: int) -> list[tuple[str, dict, bool, float]]:
@@ -163,20 +180,14 @@ def _passes(method: str, top_k: int) -> list[tuple[str, dict, bool, float]]:
     return [("", {}, False, 1.0)]
 
 
-def teacher_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards: int,
-                     sh: programs_lib.Shapes,
-                     typical: SharedTypical | None = None) -> list[programs_lib.Program]:
-    """The shared path's teacher-scoring programs, largest shapes with their typical twins:
-    "score/teacher_shared" (opsd_ectr also "score/teacher_shared_wrong").  `state` is the
-    abstract TrainState, `shards` the batch devices (data x fsdp)."""
-    cfg, mesh, mcfg = rs.cfg, rs.mesh, rs.model_config
-    typ = typical or estimate_typical(cfg, mcfg, shards, sh)
-    tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
-    resident = (state.opt_state, state.ref,
-                state.teacher if spec.teacher_mode == "fixed" else state.params)
+def _programs(rs, passes, *, graphdef, spec, shards: int, width: int, typ: SharedTypical,
+              resident) -> list[programs_lib.Program]:
+    """One program per pass (name, params, static keywords, takes at_ids, share of the step's
+    calls): the largest shape (rows of `width`, every token scored) with its typical twin."""
+    mesh, mcfg = rs.mesh, rs.model_config
     b = lambda shape: programs_lib.batch_array(shape, jnp.int32, mesh)  # noqa: E731
 
-    def program(suffix, kw, takes_ids, share, width, scored, typical_shape):
+    def program(name, params, kw, takes_ids, share, width, scored, typical_shape):
         rows = b((shards, width))
         at = programs_lib.batch_array((shards, scored, spec.top_k), jnp.int32, mesh) \
             if takes_ids else None
@@ -188,20 +199,57 @@ def teacher_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards
             calls, tokens = typ.calls * share, shards * width
             model = continuation_flops(mcfg, shards, 0, width)
         return programs_lib.Program(
-            f"score/teacher_shared{suffix}", "score", scoring_prefix.shared_prefix_stats,
-            (graphdef, tparams, rows, rows, rows, rows, rows, b((shards, scored)),
+            name, "score", scoring_prefix.shared_prefix_stats,
+            (graphdef, params, rows, rows, rows, rows, rows, b((shards, scored)),
              b((shards, scored)), at), kwargs, calls, tokens, model,
             what=f"{shards} shared-prefix rows (1 per block) x {width} tokens, {scored} scored"
                  + (f", attention tiles {typ.tile_density:.3f}" if typical_shape else ""),
             resident=resident, is_typical=typical_shape)
 
     out = []
-    width = largest_width(cfg)
-    for suffix, kw, takes_ids, share in _passes(spec.method, spec.top_k):
-        big = program(suffix, kw, takes_ids, share, width, width, False)
-        big.typical = program(suffix, kw, takes_ids, share, typ.width, typ.scored, True)
+    for name, params, kw, takes_ids, share in passes:
+        big = program(name, params, kw, takes_ids, share, width, width, False)
+        big.typical = program(name, params, kw, takes_ids, share, typ.width, typ.scored, True)
         out.append(big)
     return out
+
+
+def teacher_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards: int,
+                     sh: programs_lib.Shapes,
+                     typical: SharedTypical | None = None) -> list[programs_lib.Program]:
+    """The shared path's teacher-scoring programs, largest shapes with their typical twins:
+    "score/teacher_shared" (opsd_ectr also "score/teacher_shared_wrong").  `state` is the
+    abstract TrainState, `shards` the batch devices (data x fsdp)."""
+    cfg = rs.cfg
+    typ = typical or estimate_typical(cfg, rs.model_config, shards, sh)
+    tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
+    resident = (state.opt_state, state.ref,
+                state.teacher if spec.teacher_mode == "fixed" else state.params)
+    passes = [(f"score/teacher_shared{suffix}", tparams, kw, takes_ids, share)
+              for suffix, kw, takes_ids, share in _passes(spec.method, spec.top_k)]
+    return _programs(rs, passes, graphdef=graphdef, spec=spec, shards=shards,
+                     width=largest_width(cfg), typ=typ, resident=resident)
+
+
+def student_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards: int,
+                     sh: programs_lib.Shapes, need_ref: bool,
+                     typical: SharedTypical | None = None) -> list[programs_lib.Program]:
+    """The shared student passes `Trainer._shared_old_logprobs` runs (each prompt once, its G
+    responses after it): "score/student_shared" (old log-probs and entropies), with a
+    reference model "score/ref_shared", for sdpo / srpo "score/student_topk_shared"."""
+    cfg = rs.cfg
+    typ = typical or estimate_student_typical(cfg, rs.model_config, shards, sh)
+    # the static keywords `shared_passes.student_pass` gives
+    passes = [("score/student_shared", state.params, dict(top_k=0, entropy=True), False, 1.0)]
+    if need_ref:
+        passes.append(("score/ref_shared", state.ref, dict(top_k=0, entropy=False), False, 1.0))
+    if cfg.method in ("sdpo", "srpo"):
+        passes.append(("score/student_topk_shared", state.params,
+                       dict(top_k=spec.top_k, entropy=False), False, 1.0))
+    width = default_bucket(max(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                               cfg.train.micro_batch_tokens))
+    return _programs(rs, passes, graphdef=graphdef, spec=spec, shards=shards, width=width,
+                     typ=typ, resident=(state.opt_state, state.teacher, state.ref))
 
 
 def standalone(rs: programs_lib.RunSetup, *, mean_response_len: int | None = None,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.plan_table                    # print the markdown table
     python -m benchmarks.plan_table --write docs/tpu.md  # replace the table between its markers
+    python -m benchmarks.plan_table --configs qwen3_8b --write docs/tpu.md   # only those rows
 
 Each config is compiled by `rlcsd_jax.plan.plan` (libtpu, no TPU needed) at its largest shapes:
 per-program peak memory per device against the chip's HBM (for the rollout engine's decode
@@ -59,6 +60,7 @@ def table(configs=RECOMMENDED) -> str:
 
     lines, names = [], None
     for name, slice_name in configs.items():
+        print(f"planning {name} on {slice_name} ...", flush=True)
         cfg = load_config(name)
         _, rows, est, _ = plan.plan(cfg, slice_name)
         if names is None:
@@ -74,22 +76,50 @@ def table(configs=RECOMMENDED) -> str:
     return "\n".join(lines)
 
 
-def main():
+def merge(old: str, new: str) -> str:
+    """The table `old` with the rows of `new`'s configs replaced (or appended), in
+    RECOMMENDED's order; `new`'s header wins.  Rows are keyed by their first cell."""
+    def rows(text):
+        lines = [x for x in text.strip().splitlines() if x.startswith("|")]
+        return lines[:2], {x.split("|")[1].strip(): x for x in lines[2:]}
+
+    _, old_rows = rows(old)
+    head, new_rows = rows(new)
+    merged = {**old_rows, **new_rows}
+    order = [c for c in RECOMMENDED if c in merged] + [c for c in merged if c not in RECOMMENDED]
+    return "\n".join(head + [merged[c] for c in order])
+
+
+def write(path: str, text: str, partial: bool) -> None:
+    """Replace the table between the plan-table markers of `path` (only `text`'s rows when
+    `partial`)."""
+    doc = open(path).read()
+    found = re.search(re.escape(BEGIN) + "\n(.*?)" + re.escape(END), doc, flags=re.S)
+    if found is None:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    if partial:
+        text = merge(found.group(1), text)
+    doc = doc[:found.start()] + f"{BEGIN}\n{text}\n{END}" + doc[found.end():]
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", help="a markdown file whose table between the plan-table "
                         "markers is replaced")
-    args = parser.parse_args()
-    text = table()
+    parser.add_argument("--configs", default="", help="comma-separated configs to plan (default "
+                        "all); with --write only their rows are replaced")
+    args = parser.parse_args(argv)
+    names = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(names) - set(RECOMMENDED))
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(RECOMMENDED)}")
+    text = table({c: RECOMMENDED[c] for c in names} if names else RECOMMENDED)
     print(text)
     if args.write:
-        doc = open(args.write).read()
-        if BEGIN not in doc or END not in doc:
-            raise SystemExit(f"{args.write} has no {BEGIN} ... {END} markers")
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
-                     lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
-        with open(args.write, "w") as f:
-            f.write(doc)
+        write(args.write, text, partial=bool(names))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,19 @@ def test_error_classification():
     assert measure.short_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")).startswith("OOM")
     assert measure.short_error(measure.NotApplicable("why")) == "n/a: why"
     assert measure.short_error(ValueError("x\ny")) == "ValueError: x"
+
+
+def test_plan_table_replaces_only_the_planned_rows(tmp_path):
+    """`plan_table --configs X --write F` replaces X's row between the markers, keeps the other
+    configs' rows in the recommended order and takes the new header."""
+    from benchmarks import plan_table
+
+    doc = tmp_path / "tpu.md"
+    doc.write_text(f"intro\n{plan_table.BEGIN}\n| config | a |\n|---|---|\n| qwen3_0p6b | 1 |\n"
+                   f"| olmo3_7b_think | 3 |\n{plan_table.END}\noutro\n")
+    plan_table.write(str(doc), "| config | b |\n|---|---|\n| qwen3_8b | 9 |", partial=True)
+    assert doc.read_text() == (f"intro\n{plan_table.BEGIN}\n| config | b |\n|---|---|\n"
+                               f"| qwen3_0p6b | 1 |\n| qwen3_8b | 9 |\n| olmo3_7b_think | 3 |\n"
+                               f"{plan_table.END}\noutro\n")
+    with pytest.raises(SystemExit, match="unknown"):
+        plan_table.main(["--configs", "qwen3_9b"])

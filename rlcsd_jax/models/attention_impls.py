@@ -28,7 +28,9 @@ by log-sum-exp (`merge`): pass 1 with each prefix and each response its own segm
 with each response's queries tagged by its group and only the prefix keys tagged (every
 response position is past every prefix position, so the position rule holds in both).  Only
 `xla`, `blockwise` and `splash` give the log-sum-exp; both passes skip the tiles no query of
-theirs needs (`flash._needed`, `splash._skip_by_segments`).  Forward only (scoring).
+theirs needs (`flash._needed`, `splash._skip_by_segments`).  Splash's window is by index, which
+is the position distance inside a segment but not from a response back to its prefix: on
+sliding layers the second pass runs blockwise.  Forward only (scoring).
 
 `right_padded=True` is the caller's promise that each row is [real tokens | padding] with
 positions 0..n-1 and no cache (T == S): what cuDNN's sequence-length masking needs.
@@ -162,22 +164,26 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out.astype(out_a.dtype)
 
 
-def _with_lse(name: str, window, tile_density=None) -> Callable:
-    """The (out, lse) form of implementation `name` for self-attention rows (T == S)."""
+def _with_lse(name: str, window, tile_density=None, index_window: bool = True) -> Callable:
+    """The (out, lse) form of implementation `name` for self-attention rows (T == S).
+    index_window: the pass's visible keys lie within `window` tokens of the query by index as
+    well as by position (true inside one segment, false from a response to its prefix)."""
     if name == "auto":
         name = "splash" if _platform() == "tpu" else "blockwise"
     if name == "splash":
         from rlcsd_jax.models import splash
 
-        # The kernel's window is an index mask; in a shared-prefix row the index distance from
-        # a response to its prefix is not the position distance.  Splash serves full layers.
-        if window is None:
-            return lambda q, k, v, qp, kp, qs, ks: splash.splash_attention(
-                q, k, v, qs, ks, with_lse=True, tile_density=tile_density) if splash.supports(
-                q.shape[1]) else (
-                flash.blockwise_attention_lse(q, k, v, qp, kp, qs, ks))
-        _log_once("attention: splash cannot window shared-prefix rows; sliding layers use "
-                  "blockwise")
+        # The kernel's window is an index mask (`models.splash`): exact where the index
+        # distance is the position distance, not from a response back to its prefix.
+        if window is None or index_window:
+            def attend(q, k, v, qp, kp, qs, ks):
+                if not splash.supports(q.shape[1]):
+                    return flash.blockwise_attention_lse(q, k, v, qp, kp, qs, ks, window=window)
+                return splash.splash_attention(q, k, v, qs, ks, window=window, with_lse=True,
+                                               tile_density=tile_density)
+            return attend
+        _log_once("attention: splash cannot window a response's view of its prefix; that "
+                  "pass of sliding layers uses blockwise")
         name = "blockwise"
     if name == "cudnn":
         _log_once("attention: cudnn returns no log-sum-exp; shared-prefix rows use blockwise")
@@ -193,9 +199,10 @@ def shared_prefix_attention(name: str, q, k, v, q_pos, k_pos, q_seg, k_seg, pref
     (prefix_q_seg, prefix_k_seg), merged.  All [B, T] / [B, S] int32, T == S.  tile_density:
     the share of tiles each pass computes, for the planner's pricing of splash (None: the
     causal triangle's)."""
-    attend = _with_lse(name, window, tile_density)
-    out_a, lse_a = attend(q, k, v, q_pos, k_pos, q_seg, k_seg)
-    out_b, lse_b = attend(q, k, v, q_pos, k_pos, prefix_q_seg, prefix_k_seg)
+    own = _with_lse(name, window, tile_density)
+    over_prefix = _with_lse(name, window, tile_density, index_window=False)
+    out_a, lse_a = own(q, k, v, q_pos, k_pos, q_seg, k_seg)
+    out_b, lse_b = over_prefix(q, k, v, q_pos, k_pos, prefix_q_seg, prefix_k_seg)
     return merge(out_a, lse_a, out_b, lse_b)
 
 

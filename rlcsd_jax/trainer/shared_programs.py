@@ -38,9 +38,10 @@ from rlcsd_jax.trainer import shared_scoring
 # Tokens of a teacher prompt beyond the student prompt and the hint's text: the teacher
 # message's fixed sentences, the hint's answer line and the chat template (Qwen3: ~64).
 TEMPLATE_TOKENS = 64
-# Computed / useful tokens of the packed plan on the simulated reference workload
-# (benchmarks/teacher_tokens.py: 1.07-1.14 over 3 seeds); used when no simulation is given.
-PACKING_OVERHEAD = 1.15
+# Computed / used tokens of the packed rows (row ends, the last call's empty rows) on the
+# simulated reference workload (benchmarks/teacher_tokens.py: 1.03-1.10 over 3 seeds, prefixes
+# computed twice excluded); used when no simulation is given.
+PACKING_OVERHEAD = 1.1
 # Splash's query / key tile on v5p (`models.splash._BLOCKS`): the tile-density estimate's grain.
 TILE = 512
 
@@ -127,14 +128,18 @@ def _mean_row(width: int, prefix: int, response: int, per_prefix: int) -> dict:
 def _estimate(cfg, mcfg, shards: int, sh: programs_lib.Shapes, *, prefixes: int, rows: int,
               mean_p: int, mean_r: int) -> SharedTypical:
     """Typical shared-prefix calls of a step with `prefixes` distinct prefixes of `mean_p`
-    tokens and `rows` responses of `mean_r` tokens scored after them: rows packed at
-    PACKING_OVERHEAD, the tile density of a row filled with mean-length groups."""
+    tokens and `rows` responses of `mean_r` tokens scored after them: a group longer than a
+    row is cut into pieces that each repeat the prefix (`shared_scoring.pieces`), rows packed
+    at PACKING_OVERHEAD, the tile density of a row filled with mean-length pieces."""
     useful = prefixes * mean_p + rows * mean_r
     per_minibatch = useful / sh.minibatches / shards
     width = shared_scoring.row_width(mean_p + mean_r, int(per_minibatch),
                                      cfg.train.micro_batch_tokens)
-    calls = useful * PACKING_OVERHEAD / (shards * width)
-    layout = _mean_row(width, mean_p, mean_r, max(1, round(rows / prefixes)))
+    per_prefix = max(1, round(rows / prefixes))
+    per_piece = max(1, min(per_prefix, (width - mean_p) // max(mean_r, 1)))
+    computed = prefixes * -(-per_prefix // per_piece) * mean_p + rows * mean_r
+    calls = computed * PACKING_OVERHEAD / (shards * width)
+    layout = _mean_row(width, mean_p, mean_r, per_piece)
     flops = prefix_flops(mcfg, prefixes, mean_p) + continuation_flops(mcfg, rows, mean_p, mean_r)
     return SharedTypical(
         width=width, scored=int(layout["targets"].shape[1]), calls=calls, tokens=useful / calls,

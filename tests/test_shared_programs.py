@@ -2,6 +2,8 @@
 slice, call the functions the trainer's shared teacher pass calls with the same static
 arguments, and the teacher-token simulation (benchmarks/teacher_tokens.py) counts consistently."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -58,6 +60,19 @@ def test_tile_density_counts_the_tiles_of_both_passes():
     assert shared_programs.tile_density(seg, pq, pk, tile=256) == (3 / 16 + 2 / 16) / 2
 
 
+@contextlib.contextmanager
+def _recording(monkeypatch, calls: list):
+    """Within it `scoring_prefix.shared_prefix_stats` records each call's (args, kwargs) in
+    `calls`; yields the real function."""
+    real = scoring_prefix.shared_prefix_stats
+    with monkeypatch.context() as m:
+        def wrapped(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+        m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
+        yield real
+
+
 # After the compile test: a trainer run in this process would make the compile-only client
 # try the persistent cache's CPU entries (harmless warnings).
 def test_programs_are_the_teacher_pass_calls(tmp_path, monkeypatch):
@@ -69,17 +84,11 @@ def test_programs_are_the_teacher_pass_calls(tmp_path, monkeypatch):
         cfg = _config(tmp_path / method, method)
         tr = loop.Trainer(cfg, str(tmp_path / method))
         calls = []
-        real = scoring_prefix.shared_prefix_stats
-        with monkeypatch.context() as m:
-            def wrapped(*args, **kwargs):
-                calls.append((args, kwargs))
-                return real(*args, **kwargs)
-            m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
-            with jax.set_mesh(tr.mesh):
-                ro, ctx = _step_inputs(tr, cfg)
-                rows = np.asarray(ctx.kept)
-                shared_passes.teacher_pass(tr, ro, ctx, rows, np.arange(len(rows)),
-                                           tr.state.params, width=ro.tokens.shape[1])
+        with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
+            ro, ctx = _step_inputs(tr, cfg)
+            rows = np.asarray(ctx.kept)
+            shared_passes.teacher_pass(tr, ro, ctx, rows, np.arange(len(rows)),
+                                       tr.state.params, width=ro.tokens.shape[1])
         progs = shared_programs.standalone(_run_setup(cfg, tr.mesh))
         assert calls and all(p.fn is real for p in progs)
         names = ("input_ids", "positions", "segment_ids", "prefix_q_seg", "prefix_k_seg",
@@ -137,19 +146,13 @@ def test_student_programs_are_the_student_pass_calls(tmp_path, monkeypatch):
         cfg = _config(tmp_path / method, method)
         tr = loop.Trainer(cfg, str(tmp_path / method))
         calls = []
-        real = scoring_prefix.shared_prefix_stats
-        with monkeypatch.context() as m:
-            def wrapped(*args, **kwargs):
-                calls.append(kwargs)
-                return real(*args, **kwargs)
-            m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
-            with jax.set_mesh(tr.mesh):
-                ro, ctx = _step_inputs(tr, cfg)
-                kept = np.asarray(ctx.kept)
-                tr._shared_old_logprobs(ro, kept, collections.Counter())
-                if method == "sdpo":
-                    shared_passes.student_pass(tr, ro, kept, tr.state.params,
-                                               width=ro.tokens.shape[1], top_k=tr.spec.top_k)
+        with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
+            ro, ctx = _step_inputs(tr, cfg)
+            kept = np.asarray(ctx.kept)
+            tr._shared_old_logprobs(ro, kept, collections.Counter())
+            if method == "sdpo":
+                shared_passes.student_pass(tr, ro, kept, tr.state.params,
+                                           width=ro.tokens.shape[1], top_k=tr.spec.top_k)
         built = programs_lib.build(_run_setup(cfg, tr.mesh))
         names = {p.name for p in built}
         assert "score/old_logprobs" not in names and "score/student_topk" not in names
@@ -159,5 +162,5 @@ def test_student_programs_are_the_student_pass_calls(tmp_path, monkeypatch):
             return tuple(sorted((k, v) for k, v in kw.items()
                                 if not hasattr(v, "shape") and k != "tile_density"
                                 and v is not None))
-        assert {static(kw) for kw in calls} == {static(p.kwargs) for p in student}, method
+        assert {static(kw) for _, kw in calls} == {static(p.kwargs) for p in student}, method
         assert student and all(p.fn is real for p in student)

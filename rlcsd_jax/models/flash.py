@@ -45,8 +45,9 @@ def _tile_mask(qp, qs, kp, ks, window):
     return same & causal & inside
 
 
-def _range(x, real):
-    """min / max of x over the real entries of each block: [n, B, b] -> two [n, B]."""
+def block_range(x, real):
+    """min / max of x over the real entries of each block: [..., b] -> two [...] (an empty
+    block gives an empty range, min > max)."""
     big = jnp.iinfo(jnp.int32).max // 4
     return (jnp.min(jnp.where(real, x, big), axis=-1),
             jnp.max(jnp.where(real, x, -big), axis=-1))
@@ -58,10 +59,10 @@ def _needed(qp, qs, kp, ks, window):
     qp, qs: [nq, B, bq]; kp, ks: [nk, B, bk].  Block-level bounds over the real tokens only:
     the position bounds (causal, window) and the segment-id ranges, which must intersect for
     a query and a key to share a segment (packed rows skip the tiles between sequences)."""
-    q_lo, q_hi = _range(qp, qs != 0)                              # [nq, B]
-    k_lo, k_hi = _range(kp, ks != 0)                              # [nk, B]
-    qs_lo, qs_hi = _range(qs, qs != 0)
-    ks_lo, ks_hi = _range(ks, ks != 0)
+    q_lo, q_hi = block_range(qp, qs != 0)                              # [nq, B]
+    k_lo, k_hi = block_range(kp, ks != 0)                              # [nk, B]
+    qs_lo, qs_hi = block_range(qs, qs != 0)
+    ks_lo, ks_hi = block_range(ks, ks != 0)
     ok = (k_lo[None, :, :] <= q_hi[:, None, :]) & (k_hi[None, :, :] > q_lo[:, None, :] - window)
     ok &= (ks_lo[None, :, :] <= qs_hi[:, None, :]) & (ks_hi[None, :, :] >= qs_lo[:, None, :])
     return jnp.any(ok, axis=-1)

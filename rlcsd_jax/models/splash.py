@@ -76,15 +76,11 @@ def _skip_by_segments(kernel, q_seg, k_seg, block_q: int, block_kv: int):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib)
 
-    def ranges(seg, block):
-        blocks = seg.reshape(-1, block)
-        real = blocks != 0
-        big = jnp.iinfo(jnp.int32).max // 4
-        return (jnp.min(jnp.where(real, blocks, big), -1),
-                jnp.max(jnp.where(real, blocks, -big), -1))
+    from rlcsd_jax.models import flash
 
-    q_lo, q_hi = ranges(q_seg, block_q)                                   # [nq]
-    k_lo, k_hi = ranges(k_seg, block_kv)                                  # [nk]
+    q_blocks, k_blocks = q_seg.reshape(-1, block_q), k_seg.reshape(-1, block_kv)
+    q_lo, q_hi = flash.block_range(q_blocks, q_blocks != 0)              # [nq]
+    k_lo, k_hi = flash.block_range(k_blocks, k_blocks != 0)              # [nk]
     info = kernel.fwd_mask_info
     # The grid's kv axis may be shrunk to the live tiles: data_next gives each step's kv block.
     kv_block = info.data_next.astype(jnp.int32)                           # [h, nq, grid_kv]

@@ -31,6 +31,7 @@ import numpy as np
 
 from rlcsd_jax import scoring_prefix
 from rlcsd_jax.data.packing import default_bucket
+from rlcsd_jax.models import flash
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import programs as programs_lib
 from rlcsd_jax.trainer import shared_scoring
@@ -95,12 +96,11 @@ def tile_density(segments: np.ndarray, prefix_q: np.ndarray, prefix_k: np.ndarra
     n = w // tile
     causal = np.tril(np.ones((n, n), bool))
 
+    def ranges(x):
+        b = np.asarray(x).reshape(-1, n, tile)
+        return tuple(np.asarray(r) for r in flash.block_range(b, b != 0))
+
     def live(q_seg, k_seg):
-        def ranges(x):
-            b = x.reshape(-1, n, tile)
-            real = b != 0
-            return (np.where(real, b, np.iinfo(np.int32).max).min(-1),
-                    np.where(real, b, np.iinfo(np.int32).min).max(-1))
         q_lo, q_hi = ranges(q_seg)
         k_lo, k_hi = ranges(k_seg)
         meet = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])

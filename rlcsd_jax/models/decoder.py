@@ -191,9 +191,10 @@ class CausalLM(nnx.Module):
         query's.  prefix_segments: (q [B, T], k [B, T]) of a shared-prefix row without a cache
         (groups [prefix | r1 | r2 ...] packed in `segment_ids`, each prefix and response its
         own segment; q tags each response token with its group, k each prefix token, 0
-        elsewhere): responses then also see their group's prefix (`attention_impls.shared_prefix_attention`; tile_density: the planner's
-        estimate of the tiles it computes, for pricing).  return_all=True also returns the
-        residual stream after every layer [L, B, T, d] (for parity debugging).
+        elsewhere): responses then also see their group's prefix
+        (`attention_impls.shared_prefix_attention`; tile_density: the planner's estimate of
+        the tiles it computes, for pricing).  return_all=True also returns the residual stream
+        after every layer [L, B, T, d] (for parity debugging).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)

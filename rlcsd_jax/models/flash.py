@@ -211,13 +211,18 @@ def _block(n: int, preferred: int) -> int:
     return max(8, -(-(-(-n // blocks)) // 8) * 8)
 
 
+def _arguments(q, k, v, q_pos, k_pos, q_seg, k_seg, window, q_block, kv_block):
+    """The public arguments as `_forward` / `_flash` take them: int32 ids, the window as a
+    distance, the block sizes for these lengths."""
+    ids = (x.astype(jnp.int32) for x in (q_pos, k_pos, q_seg, k_seg))
+    w = _NONE if window is None else int(window)
+    return (q, k, v, *ids, w, _block(q.shape[1], q_block), _block(k.shape[1], kv_block))
+
+
 def blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int | None = None,
                         q_block: int = 512, kv_block: int = 512):
     """Flash attention: q [B, T, H, D], k / v [B, S, KV, D] -> [B, T, H, D] (see module doc)."""
-    w = _NONE if window is None else int(window)
-    return _flash(q, k, v, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
-                  q_seg.astype(jnp.int32), k_seg.astype(jnp.int32), w,
-                  _block(q.shape[1], q_block), _block(k.shape[1], kv_block))
+    return _flash(*_arguments(q, k, v, q_pos, k_pos, q_seg, k_seg, window, q_block, kv_block))
 
 
 def blockwise_attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int | None = None,
@@ -225,8 +230,6 @@ def blockwise_attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: int 
     """(out [B, T, H, D], lse [B, T, H] fp32): the attention and the log-sum-exp of each query's
     visible scaled scores (EMPTY_LSE where it sees nothing), for merging passes over disjoint
     key sets (`attention_impls.merge`).  Forward only: callers score, they do not differentiate."""
-    w = _NONE if window is None else int(window)
-    bq, bk = _block(q.shape[1], q_block), _block(k.shape[1], kv_block)
-    out, lse, _, _ = _forward(q, k, v, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
-                              q_seg.astype(jnp.int32), k_seg.astype(jnp.int32), w, bq, bk)
+    out, lse, _, _ = _forward(*_arguments(q, k, v, q_pos, k_pos, q_seg, k_seg, window,
+                                          q_block, kv_block))
     return out, _unblock_lse(lse, q.shape[1])

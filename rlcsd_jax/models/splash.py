@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from rlcsd_jax.models import flash
+
 # Preferred block sizes per TPU generation (device_kind prefix): larger tiles amortise the
 # per-step overhead where VMEM allows (v5e and v6e have 128 MiB of VMEM per core, v5p 64 MiB).
 _BLOCKS = {"TPU v6": 1024, "TPU v5 lite": 1024, "TPU v5": 512, "TPU v4": 512}
 _MIN_BLOCK = 128
-EMPTY_LSE = -1e30          # = flash.EMPTY_LSE: the log-sum-exp of a query that sees nothing
 
 
 def supports(q_len: int, kv_len: int | None = None) -> bool:
@@ -75,8 +76,6 @@ def _skip_by_segments(kernel, q_seg, k_seg, block_q: int, block_kv: int):
     computes about the tiles its sequences need instead of the whole causal triangle."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib)
-
-    from rlcsd_jax.models import flash
 
     q_blocks, k_blocks = q_seg.reshape(-1, block_q), k_seg.reshape(-1, block_kv)
     q_lo, q_hi = flash.block_range(q_blocks, q_blocks != 0)              # [nq]
@@ -148,7 +147,7 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None,
         out, (lse,) = _skip_by_segments(kernel, s1, s2, block_q, block_kv)(q_, k_, v_, ids)
         # A query block whose tiles were all skipped ends with l = 0: lse -inf, out 0 / 0.
         empty = ~jnp.isfinite(lse)
-        return jnp.where(empty[..., None], 0, out), jnp.where(empty, EMPTY_LSE, lse)
+        return jnp.where(empty[..., None], 0, out), jnp.where(empty, flash.EMPTY_LSE, lse)
 
     def local(qt, kt, vt, qs, ks):
         kernel = _kernel(qt.shape[1], t, s, window, block_q, block_kv, interpret, with_lse)

@@ -85,10 +85,8 @@ def test_plan_packs_pieces_and_counts_what_the_calls_compute():
 
 def test_row_width_never_exceeds_the_planners_largest():
     """The planner's largest shared program is at least as wide as any row the plan makes."""
-    from rlcsd_jax.data.packing import default_bucket
-
     for budget in (512, 4096, 40960):
         for longest in (10, 400, 5000, 40960):
             for work in (1, 300, 5000, 40000, 10 ** 6):
                 w = shared.row_width(longest, work, budget)
-                assert longest <= w <= default_bucket(max(longest, budget))
+                assert longest <= w <= shared.widest_row(longest, budget)

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlcsd_jax import scoring_prefix
-from rlcsd_jax.data.packing import default_bucket
 from rlcsd_jax.models import flash
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import programs as programs_lib
@@ -79,9 +78,9 @@ def prefix_flops(mcfg, rows: int, width: int) -> float:
 
 
 def largest_width(cfg) -> int:
-    """The widest packed row `shared_scoring.row_width` can give: the budget's, or one prefix +
-    response of teacher_max_len's when longer."""
-    return default_bucket(max(cfg.train.teacher_max_len, cfg.train.micro_batch_tokens))
+    """The widest packed teacher row: the budget's, or one prefix + response of
+    teacher_max_len's when longer."""
+    return shared_scoring.widest_row(cfg.train.teacher_max_len, cfg.train.micro_batch_tokens)
 
 
 def tile_density(segments: np.ndarray, prefix_q: np.ndarray, prefix_k: np.ndarray,
@@ -120,8 +119,8 @@ def _mean_row(width: int, prefix: int, response: int, per_prefix: int) -> dict:
         rows += [shared_scoring.Row(i, 0, key, (1,) * response) for i in ids]
         members.append(shared_scoring.Piece(key, ids))
         used += prefix + fit * response
-    scored = shared_scoring.response_bucket(max(len(rows) * response, 1))
-    p = shared_scoring.Plan(rows, [shared_scoring.Call([members], min(scored, width))], 1, width)
+    scored = shared_scoring.scored_width(max(len(rows) * response, 1), width)
+    p = shared_scoring.Plan(rows, [shared_scoring.Call([members], scored)], 1, width)
     return shared_scoring.call_arrays(p.calls[0], p, 0)[0]
 
 
@@ -251,8 +250,8 @@ def student_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards
     if cfg.method in ("sdpo", "srpo"):
         passes.append(("score/student_topk_shared", state.params,
                        dict(top_k=spec.top_k, entropy=False), False, 1.0))
-    width = default_bucket(max(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
-                               cfg.train.micro_batch_tokens))
+    width = shared_scoring.widest_row(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                                      cfg.train.micro_batch_tokens)
     return _programs(rs, passes, graphdef=graphdef, spec=spec, shards=shards, width=width,
                      typ=typ, resident=(state.opt_state, state.teacher, state.ref))
 

@@ -76,13 +76,21 @@ def useful_tokens(rows: list[Row]) -> float:
 RESPONSE_STEP = 512
 
 
-def response_bucket(n: int) -> int:
-    """Scored widths: the default bucket up to RESPONSE_STEP, then its multiples."""
-    return bucket_length(n) if n <= RESPONSE_STEP else -(-n // RESPONSE_STEP) * RESPONSE_STEP
+def scored_width(n: int, width: int) -> int:
+    """The LM-head width of a call whose fullest row scores n tokens (rows of `width`): the
+    default bucket up to RESPONSE_STEP, then its multiples, at most `width`."""
+    bucket = bucket_length(n) if n <= RESPONSE_STEP else -(-n // RESPONSE_STEP) * RESPONSE_STEP
+    return min(bucket, width)
 
 
 # Room left in the rows for first-fit's slack when the width is sized to the work.
 PACKING_SLACK = 1.03
+
+
+def widest_row(longest: int, budget: int) -> int:
+    """The widest row `row_width` gives for rows of at most `longest` tokens (the planner's
+    largest shape)."""
+    return default_bucket(max(longest, budget))
 
 
 def row_width(longest: int, work: int, budget: int) -> int:
@@ -123,15 +131,14 @@ def _size(piece: Piece, rows: list[Row]) -> int:
 
 def pack(items: list[Piece], rows: list[Row], width: int) -> list[list[Piece]]:
     """First-fit decreasing of the pieces into rows of `width` tokens (fullest rows first)."""
-    packed: list[tuple[int, list]] = []
-    for piece in sorted(items, key=lambda p: -_size(p, rows)):
-        n = _size(piece, rows)
-        for k, (used, members) in enumerate(packed):
-            if used + n <= width:
-                packed[k] = (used + n, members + [piece])
-                break
+    packed: list[list] = []                   # [tokens used, pieces]
+    for n, piece in sorted(((_size(p, rows), p) for p in items), key=lambda x: -x[0]):
+        fits = next((r for r in packed if r[0] + n <= width), None)
+        if fits is None:
+            packed.append([n, [piece]])
         else:
-            packed.append((n, [piece]))
+            fits[0] += n
+            fits[1].append(piece)
     return [members for _, members in sorted(packed, key=lambda x: -x[0])]
 
 
@@ -149,7 +156,7 @@ def plan(rows: list[Row], *, shards: int, budget: int) -> Plan:
         members += [[] for _ in range(shards - len(members))]
         scored = max((sum(len(rows[i].response) for p in m for i in p.rows) for m in members),
                      default=1)
-        scored = min(response_bucket(multihost.global_max(max(scored, 1))), width)
+        scored = scored_width(multihost.global_max(max(scored, 1)), width)
         calls.append(Call(members, scored))
     return Plan(rows, calls, shards, width)
 

@@ -118,9 +118,7 @@ class Trainer:
         def cast(params):
             return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                                 else x, params)
-        leaves = jax.tree.leaves(self.state.params)
-        copy_bytes = sum(x.size * (dtype.itemsize if jnp.issubdtype(x.dtype, jnp.floating)
-                                   else x.dtype.itemsize) for x in leaves)
+        copy_bytes = programs.bytes_of(programs.with_dtype(self.state.params, dtype))
         if setup.replicate_decode_weights(self.cfg, copy_bytes,
                                           setup.device_memory_limit(self.cfg, self.mesh)):
             everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())

@@ -73,6 +73,25 @@ def _recording(monkeypatch, calls: list):
         yield real
 
 
+def _recorded_passes(tmp_path, monkeypatch, method, passes):
+    """A trainer of `method` (fake rollouts installed by the caller) running passes(tr, ro,
+    ctx) on one step's inputs -> (cfg, tr, the recorded shared_prefix_stats calls, the real
+    function)."""
+    cfg = _config(tmp_path / method, method)
+    tr = loop.Trainer(cfg, str(tmp_path / method))
+    calls = []
+    with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
+        ro, ctx = _step_inputs(tr, cfg)
+        passes(tr, ro, ctx)
+    return cfg, tr, calls, real
+
+
+def _static(kwargs):
+    """A call's static keywords (no arrays, no absent at_ids, not the planner's tile density)."""
+    return tuple(sorted((k, v) for k, v in kwargs.items()
+                        if not hasattr(v, "shape") and v is not None and k != "tile_density"))
+
+
 # After the compile test: a trainer run in this process would make the compile-only client
 # try the persistent cache's CPU entries (harmless warnings).
 def test_programs_are_the_teacher_pass_calls(tmp_path, monkeypatch):
@@ -80,33 +99,27 @@ def test_programs_are_the_teacher_pass_calls(tmp_path, monkeypatch):
     `shared_passes.teacher_pass`'s calls (rlcsd: log-probs; opsd_ectr: top-k, then at the
     correct context's ids)."""
     fake_rollouts.install(monkeypatch.setattr, PATTERN)
+    def teacher_pass(tr, ro, ctx):
+        rows = np.asarray(ctx.kept)
+        shared_passes.teacher_pass(tr, ro, ctx, rows, np.arange(len(rows)), tr.state.params,
+                                   width=ro.tokens.shape[1])
+
     for method in ("rlcsd", "opsd_ectr"):
-        cfg = _config(tmp_path / method, method)
-        tr = loop.Trainer(cfg, str(tmp_path / method))
-        calls = []
-        with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
-            ro, ctx = _step_inputs(tr, cfg)
-            rows = np.asarray(ctx.kept)
-            shared_passes.teacher_pass(tr, ro, ctx, rows, np.arange(len(rows)),
-                                       tr.state.params, width=ro.tokens.shape[1])
+        cfg, tr, calls, real = _recorded_passes(tmp_path, monkeypatch, method, teacher_pass)
         progs = shared_programs.standalone(_run_setup(cfg, tr.mesh))
         assert calls and all(p.fn is real for p in progs)
         names = ("input_ids", "positions", "segment_ids", "prefix_q_seg", "prefix_k_seg",
                  "pred_index", "targets", "at_ids")
 
-        def static(kw):
-            return tuple(sorted((k, v) for k, v in kw.items()
-                                if k not in names and k != "tile_density"))
-
         def arrays(args, kw):
             return _describe([kw[n] for n in names]) if not args[2:] else _describe(args[2:])
 
-        kinds = {(static(kw), kw["at_ids"] is None) for _, kw in calls}
-        built = {(static(p.kwargs), p.args[9] is None) for p in progs}
+        kinds = {(_static(kw), kw["at_ids"] is None) for _, kw in calls}
+        built = {(_static(p.kwargs), p.args[9] is None) for p in progs}
         assert kinds == built, (kinds, built)
         for p in progs:
             same = [(a, kw) for a, kw in calls
-                    if static(kw) == static(p.kwargs) and (kw["at_ids"] is None) == (
+                    if _static(kw) == _static(p.kwargs) and (kw["at_ids"] is None) == (
                         p.args[9] is None)]
             assert all(arrays(a, kw) == _describe(list(p.args[2:])) for a, kw in same), p.name
 
@@ -142,25 +155,19 @@ def test_student_programs_are_the_student_pass_calls(tmp_path, monkeypatch):
     from rlcsd_jax.trainer import programs as programs_lib
 
     fake_rollouts.install(monkeypatch.setattr, PATTERN)
+
+    def student_passes(tr, ro, ctx):
+        kept = np.asarray(ctx.kept)
+        tr._shared_old_logprobs(ro, kept, collections.Counter())
+        if tr.cfg.method == "sdpo":
+            shared_passes.student_pass(tr, ro, kept, tr.state.params,
+                                       width=ro.tokens.shape[1], top_k=tr.spec.top_k)
+
     for method in ("rlcsd", "sdpo"):
-        cfg = _config(tmp_path / method, method)
-        tr = loop.Trainer(cfg, str(tmp_path / method))
-        calls = []
-        with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
-            ro, ctx = _step_inputs(tr, cfg)
-            kept = np.asarray(ctx.kept)
-            tr._shared_old_logprobs(ro, kept, collections.Counter())
-            if method == "sdpo":
-                shared_passes.student_pass(tr, ro, kept, tr.state.params,
-                                           width=ro.tokens.shape[1], top_k=tr.spec.top_k)
+        cfg, tr, calls, real = _recorded_passes(tmp_path, monkeypatch, method, student_passes)
         built = programs_lib.build(_run_setup(cfg, tr.mesh))
         names = {p.name for p in built}
         assert "score/old_logprobs" not in names and "score/student_topk" not in names
         student = [p for p in built if p.name.startswith("score/student")]
-
-        def static(kw):
-            return tuple(sorted((k, v) for k, v in kw.items()
-                                if not hasattr(v, "shape") and k != "tile_density"
-                                and v is not None))
-        assert {static(kw) for _, kw in calls} == {static(p.kwargs) for p in student}, method
+        assert {_static(kw) for _, kw in calls} == {_static(p.kwargs) for p in student}, method
         assert student and all(p.fn is real for p in student)

@@ -21,7 +21,8 @@ def temporaries(cfg, slice_name: str, lengths=(8192, 32768), programs=("score/ol
     """{(program, length): per-device temporary bytes} for one row per device of `length`."""
     import jax
 
-    from rlcsd_jax import plan, sharding
+    from rlcsd_jax import plan
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.planner import compile as compile_lib
     from rlcsd_jax.trainer import programs as programs_lib
 

@@ -281,7 +281,7 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     and the full-row "score/teacher" for the slice; roofline seconds of the teacher-scoring
     phase per step, memory per device against the compiler's budget."""
     from rlcsd_jax import plan as plan_mod
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.planner import compile as compile_lib, topology
     from rlcsd_jax.trainer import programs as programs_lib
 

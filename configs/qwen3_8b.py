@@ -6,10 +6,10 @@
 `model.checkpoint` is a converted folder (`python -m rlcsd_jax.convert`) or the HF download.
 """
 
-from rlcsd_jax import config_base
+from rlcsd_jax.trainer import train_config
 
 
 def get_config(task: str = "math"):
-    return config_base.reference_config(
+    return train_config.reference_config(
         task=task, preset="qwen3-8b", checkpoint="~/checkpoints/qwen3_8b",
         math_train="data/verl/deepmath_filtered_level7_10/train.parquet")

@@ -25,11 +25,11 @@ supervised continuation at the RL lr gains about as much (docs/tiny_demo.md).
     python -m rlcsd_jax.train --config=configs/tiny.py --workdir=/tmp/rlcsd_tiny
 """
 
-from rlcsd_jax import config_base
+from rlcsd_jax.trainer import train_config
 
 
 def get_config():
-    c = config_base.get_base_config()
+    c = train_config.get_base_config()
     c.base_seed = 0
     c.tiny_tokenizer_vocab = 768
     c.model.preset = "qwen3-tiny"

@@ -79,7 +79,7 @@ def _match(pure: dict, abstract: dict, path: str = "") -> dict:
 
 
 def _copy_side_files(src: str, out: str) -> list[str]:
-    from rlcsd_jax import storage
+    from rlcsd_jax.data import storage
     from rlcsd_jax.models import orbax_io
 
     copied = []
@@ -98,8 +98,10 @@ def workdir_to_hf(src: str, out: str, step: int | None = None, dtype: str | None
     import jax
     from flax import nnx
 
-    from rlcsd_jax import checkpoint_lookup as lookup, models, storage
+    from rlcsd_jax import models
 
+    from rlcsd_jax.trainer import checkpoint_lookup as lookup
+    from rlcsd_jax.data import storage
     target = lookup.resolve_checkpoint(src, step)
     if target.kind != "train_state":
         raise ValueError(f"{src} is a model folder, not a training run")

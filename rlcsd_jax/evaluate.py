@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlcsd_jax import checkpoint_lookup
+from rlcsd_jax.trainer import checkpoint_lookup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -222,7 +222,7 @@ def table_row(results: Mapping) -> dict:
 
 def restore_params(trainer, target: Target) -> int:
     """Load the train state of `target` into `trainer.state`; returns the restored step."""
-    from rlcsd_jax import checkpointing
+    from rlcsd_jax.trainer import checkpointing
 
     ckpt = _read_only_checkpointer(target.path)
     abstract = checkpointing.abstract_like(trainer.state)
@@ -257,7 +257,7 @@ def restore_params(trainer, target: Target) -> int:
 
 
 def _has_tokenizer(folder: str) -> bool:
-    from rlcsd_jax import storage
+    from rlcsd_jax.data import storage
 
     return any(storage.exists(storage.join(folder, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
@@ -279,7 +279,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, step: int | None = None,
     import jax
 
     from rlcsd_jax.trainer import setup as setup_lib
-    from rlcsd_jax.trainer.loop import Trainer
+    from rlcsd_jax.trainer.rl_trainer import Trainer
 
     if not cfg.data.eval:
         raise ValueError("config.data.eval is empty: nothing to evaluate")
@@ -346,7 +346,7 @@ def main(argv) -> int:
     if cfg is None or not _CHECKPOINT.value or not _OUT.value:
         raise app.UsageError("--config, --checkpoint and --out are required")
     logging.getLogger().setLevel(logging.INFO)
-    from rlcsd_jax import multihost
+    from rlcsd_jax.distributed import multihost
 
     multihost.initialize(cfg.distributed)   # before any JAX computation
     import jax

@@ -81,7 +81,7 @@ def run_setup_for(cfg, mesh):
 
 def plan(cfg, topology_name: str, mean_response_len: int | None = None):
     """(title, table rows, step estimate, measured programs) for `cfg` on the named slice."""
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.planner import compile as compile_lib, report
     from rlcsd_jax.trainer import setup
 

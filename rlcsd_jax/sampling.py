@@ -65,7 +65,7 @@ class GenerationOutput:
 
 
 def _cache_sharding(mesh, shape):
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
 
     spec = sharding.logical_to_spec(("layers", "batch", "length", "kv_heads", "head_dim"),
                                     shape, mesh)

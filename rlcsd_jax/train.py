@@ -7,7 +7,7 @@ The workdir holds checkpoints (resumed automatically), metrics (TensorBoard, met
 summary.json.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
 called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1 (off TPU,
 also set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID; see
-`rlcsd_jax.multihost.initialize`).
+`rlcsd_jax.distributed.multihost.initialize`).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def main(argv) -> int:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger().setLevel(logging.INFO)
     quiet_library_logs()
-    from rlcsd_jax import multihost
+    from rlcsd_jax.distributed import multihost
 
     multihost.initialize(cfg.distributed)   # before any JAX computation
-    from rlcsd_jax.trainer import run as run_lib
+    from rlcsd_jax.trainer import loop as run_lib
 
     summary = run_lib.run(cfg, _WORKDIR.value)
     print(run_lib.format_summary(summary), flush=True)

@@ -16,8 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from rlcsd_jax import analyze_style, losses, style_report
-import fake_rollouts
+from rlcsd_jax import losses
+from rlcsd_jax.analysis import style_drift, style_report
+from helpers import fake_rollouts
 from rlcsd_jax.trainer import batches, update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def script_texts(monkeypatch, pattern):
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    return analyze_style.build_trainer(tiny_config(), str(tmp_path_factory.mktemp("style_tr")))
+    return style_drift.build_trainer(tiny_config(), str(tmp_path_factory.mktemp("style_tr")))
 
 
 def recompute(trainer, signals):
@@ -87,14 +88,14 @@ def per_token(tokenizer, ids, mask, values):
 def test_cli_writes_table_and_png_with_the_trainers_e_ctr(tmp_path, monkeypatch):
     script_texts(monkeypatch, MIXED)
     captured = {}
-    real = analyze_style.analyze
-    monkeypatch.setattr(analyze_style, "analyze",
+    real = style_drift.analyze
+    monkeypatch.setattr(style_drift, "analyze",
                         lambda *a, **k: captured.setdefault("res", real(*a, **k)))
     out = tmp_path / "out"
     argv = ["analyze_style", f"--config={TINY}", f"--out={out}", "--num_prompts=4",
             f"--workdir={tmp_path / 'work'}", "--min_count=2",
             *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
-    assert analyze_style.main(argv) == 0
+    assert style_drift.main(argv) == 0
 
     table = (out / "style_tokens.md").read_text()
     assert "## Top-10 tokens by mean |e_c|" in table
@@ -133,7 +134,7 @@ def test_cli_writes_table_and_png_with_the_trainers_e_ctr(tmp_path, monkeypatch)
 def test_all_wrong_falls_back_to_gt_cot(trainer, monkeypatch):
     script_texts(monkeypatch, ALL_WRONG)
     records = trainer.train_records[:2]
-    sig = analyze_style.collect_signals(trainer, records, seed=3)
+    sig = style_drift.collect_signals(trainer, records, seed=3)
     assert sig["source"] == "gt_cot" and sig["has_e_ctr"]
     assert "every rollout was dropped under self_rollout" in sig["message"]
     assert "falling back to gt_cot" in sig["message"]
@@ -143,7 +144,7 @@ def test_all_wrong_falls_back_to_gt_cot(trainer, monkeypatch):
     np.testing.assert_allclose(sig["e_c"], e_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(sig["mask"], mask)
     # Strict self_rollout: nothing to analyse, and the outputs say so.
-    strict = analyze_style.collect_signals(trainer, records, seed=3, hint_source="self_rollout")
+    strict = style_drift.collect_signals(trainer, records, seed=3, hint_source="self_rollout")
     assert strict["source"] == "none" and len(strict["rows"]) == 0
     md = style_report.render_table([], [], source="none", message=strict["message"],
                                     num_rollouts=8)
@@ -152,8 +153,8 @@ def test_all_wrong_falls_back_to_gt_cot(trainer, monkeypatch):
 
 def test_untrained_model_still_gives_e_c(trainer, tmp_path):
     """Gibberish (no box anywhere): no wrong hint under any source -> e_c only, e_ctr n/a."""
-    sig = analyze_style.collect_signals(trainer, trainer.train_records[:2], seed=1)
-    assert sig["source"] == analyze_style.SOURCE_CORRECT_ONLY and not sig["has_e_ctr"]
+    sig = style_drift.collect_signals(trainer, trainer.train_records[:2], seed=1)
+    assert sig["source"] == style_drift.SOURCE_CORRECT_ONLY and not sig["has_e_ctr"]
     assert "every rollout was dropped under gt_cot" in sig["message"]
     assert len(sig["rows"]) == 8
     m = sig["mask"] > 0
@@ -194,6 +195,6 @@ def test_token_stats_aggregate_by_string():
 
 
 def test_module_cli_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "rlcsd_jax.analyze_style", "--out=/tmp/x"],
+    proc = subprocess.run([sys.executable, "-m", "rlcsd_jax.analysis.style_drift", "--out=/tmp/x"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "--config and --out are required" in proc.stderr

@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from rlcsd_jax import checkpointing
+from rlcsd_jax.trainer import checkpointing
 
 
 @jax.tree_util.register_dataclass
@@ -176,7 +176,7 @@ def test_uncommitted_and_damaged_newest_step_are_skipped(tmp_path, caplog, damag
 
     ckpt = checkpointing.Checkpointer(tmp_path, save_every=1, async_save=False)
     assert ckpt.latest_step() == 2
-    with caplog.at_level(logging.WARNING, logger="rlcsd_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="rlcsd_jax.trainer.checkpointing"):
         step, restored, host = ckpt.restore_latest(checkpointing.abstract_like(states[1]))
     assert step == 1 and host == {"step": 1}
     _assert_bitwise_equal(restored, states[1])
@@ -288,7 +288,7 @@ def test_second_sigterm_terminates(tmp_path):
     """The first SIGTERM only raises the flag; a second one exits at once (default action)."""
     script = (
         "import os, signal, sys\n"
-        "from rlcsd_jax.checkpointing import PreemptionWatcher\n"
+        "from rlcsd_jax.trainer.checkpointing import PreemptionWatcher\n"
         "w = PreemptionWatcher()\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "assert w.should_stop(1)\n"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy as stn
 
-from hf_fixtures import hf_logits, olmo3_config, qwen3_config, save_hf_model
+from helpers.hf_fixtures import hf_logits, olmo3_config, qwen3_config, save_hf_model
 from rlcsd_jax import models
 from rlcsd_jax.models import CheckpointError, orbax_io
 
@@ -155,7 +155,7 @@ def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
     from flax import nnx
     from transformers import AutoModelForCausalLM
 
-    from rlcsd_jax import checkpoint_lookup
+    from rlcsd_jax.trainer import checkpoint_lookup
     from rlcsd_jax.convert import _pure
     from rlcsd_jax.models import hf_io
 

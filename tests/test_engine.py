@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F401 - pair: a fixture
+from helpers.hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F401 - pair: a fixture
 from rlcsd_jax import inference, models, sampling
 
 GREEDY = inference.SamplingOptions(temperature=0.0)
@@ -191,7 +191,7 @@ def test_budget_from_bytes():
     per_token = inference.kv_bytes_per_token(cfg)
     assert per_token == 2 * 28 * 8 * 128 * 2
     assert inference.kv_budget_tokens_for_bytes(cfg, 10 * per_token) == 10
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     # 4 batch shards, each device holding half the kv heads of its shard's pages.

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import olmo3_config, qwen3_config
-from rlcsd_jax import models, sharding
+from helpers.hf_fixtures import olmo3_config, qwen3_config
+from rlcsd_jax import models
+from rlcsd_jax.distributed import sharding
 from rlcsd_jax.inference import paged_attention, plan, programs
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,

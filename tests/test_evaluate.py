@@ -268,14 +268,14 @@ def test_cli_on_training_workdir(tmp_path, cli_env):
 
 
 def test_run_summary_reports_the_change_with_its_standard_error():
-    from rlcsd_jax.trainer import run
+    from rlcsd_jax.trainer import loop
 
-    text = run.format_summary({
+    text = loop.format_summary({
         "steps": 45, "reward_first": 0.2, "reward_mean_last5": 0.3,
         "eval_before": {"eval/avg": 0.283, "eval/avg_stderr": 0.012},
         "eval_after": {"eval/avg": 0.320, "eval/avg_stderr": 0.016}})
     assert "0.283 ± 0.012 (before RL) -> 0.320 ± 0.016 (after RL)" in text
     assert "held-out change: +0.037 (± 0.020 standard error)" in text   # sqrt(.012² + .016²)
     # Without an "after" evaluation there is no change line.
-    assert "held-out change" not in run.format_summary(
+    assert "held-out change" not in loop.format_summary(
         {"eval_before": {"eval/avg": 0.3, "eval/avg_stderr": 0.01}})

@@ -1,5 +1,5 @@
 """A run, `plot`, `evaluate` and `analyze_style` on a gs:// workdir, and parquet data read from
-gs://, against a local GCS server (tests/gcs_emulator.py; offline).
+gs://, against a local GCS server (tests/helpers/gcs_emulator.py; offline).
 
 The production path without TensorFlow is exercised: etils.epath -> gcsfs for files, orbax ->
 tensorstore's GCS driver for arrays.  Every subprocess runs in an empty folder, which must stay
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import gcs_emulator
+from helpers import gcs_emulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GS = f"gs://{gcs_emulator.BUCKET}"
@@ -79,7 +79,7 @@ def _run_args(workdir, tokenizer, steps):
 def test_run_plot_evaluate_on_a_gs_workdir(gcs, tokenizer, tmp_path):
     from etils import epath
 
-    from rlcsd_jax import metrics
+    from rlcsd_jax.trainer import metrics
 
     work = f"{GS}/runs/tiny"
     with gcs_emulator.client_env(gcs):
@@ -110,7 +110,7 @@ def test_run_plot_evaluate_on_a_gs_workdir(gcs, tokenizer, tmp_path):
         assert len(events) == 2 and all(p.stat().length > 0 for p in events)
 
     # plot and evaluate read the workdir back (and write to gs://).
-    _cli("rlcsd_jax.plot", ["--workdir", work, "--out", f"{GS}/figs/dynamics.png"], gcs, cwd)
+    _cli("rlcsd_jax.analysis.plot", ["--workdir", work, "--out", f"{GS}/figs/dynamics.png"], gcs, cwd)
     _cli("rlcsd_jax.evaluate", [*_run_args(work, tokenizer, STEPS)[:1],
                                 f"--config.tokenizer={tokenizer}",
                                 f"--config.data.eval={GS}/data/kk/val.parquet",
@@ -127,7 +127,7 @@ def test_run_plot_evaluate_on_a_gs_workdir(gcs, tokenizer, tmp_path):
 def test_storage_append_and_mirror_on_gcs(gcs, tmp_path):
     from etils import epath
 
-    from rlcsd_jax import storage
+    from rlcsd_jax.data import storage
 
     with gcs_emulator.client_env(gcs):
         target = f"{GS}/unit/log.jsonl"
@@ -156,10 +156,10 @@ def test_storage_append_and_mirror_on_gcs(gcs, tmp_path):
 def test_analyze_style_writes_to_gcs(gcs, tokenizer):
     from etils import epath
 
-    from rlcsd_jax import analyze_style
+    from rlcsd_jax.analysis import style_drift
 
     with gcs_emulator.client_env(gcs):
-        rc = analyze_style.main([
+        rc = style_drift.main([
             "analyze_style", "--config=" + os.path.join(REPO, "configs", "tiny.py"),
             f"--out={GS}/style", "--num_prompts=2", "--group_size=2", "--max_new_tokens=8",
             f"--config.tokenizer={tokenizer}", "--config.data.num_generated_train=8",

@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 
 from rlcsd_jax.rewards import kk_reward
-from rlcsd_jax.rewards.knights_knaves import (
-    NAMES,
-    answer_text,
-    generate_puzzle,
-    parse_assignments,
-    solve,
-)
-from rlcsd_jax.rewards.kk_puzzles import evaluate, render
+from rlcsd_jax.data.knights_knaves import NAMES, answer_text, generate_puzzle, solve
+from rlcsd_jax.rewards.knights_knaves import parse_assignments
+from rlcsd_jax.data.knights_knaves.puzzles import evaluate, render
 
 # Many puzzles where brute force is cheap, fewer where it is 2^10–2^11 assignments.
 PUZZLES_PER_SIZE = {**{n: 200 for n in range(2, 9)}, 9: 60, 10: 60, 11: 60}

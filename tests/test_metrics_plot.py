@@ -1,4 +1,4 @@
-"""MetricsLogger sinks (TensorBoard, JSONL, console), hooks, and the `rlcsd_jax.plot` CLI."""
+"""MetricsLogger sinks (TensorBoard, JSONL, console), hooks, and the `rlcsd_jax.analysis.plot` CLI."""
 
 import glob
 import json
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from rlcsd_jax import metrics
+from rlcsd_jax.trainer import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,7 @@ def test_plot_cli_compares_two_workdirs(tmp_path):
     _fake_run(tmp_path / "rlcsd", 1, rlcsd=True)
     out = tmp_path / "figs" / "dynamics.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlcsd_jax.plot", "--workdir", str(tmp_path / "grpo"),
+        [sys.executable, "-m", "rlcsd_jax.analysis.plot", "--workdir", str(tmp_path / "grpo"),
          "--workdir", str(tmp_path / "rlcsd"), "--out", str(out), "--labels", "GRPO,RLCSD",
          "--smooth", "0.6"],
         cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
@@ -125,10 +125,10 @@ def test_plot_cli_compares_two_workdirs(tmp_path):
 
 
 def test_plot_skips_missing_panels_and_rejects_bad_input(tmp_path, caplog):
-    from rlcsd_jax import plot
+    from rlcsd_jax.analysis import plot
 
     _fake_run(tmp_path / "a", 0, rlcsd=False)
-    with caplog.at_level("INFO", logger="rlcsd_jax.plot"):
+    with caplog.at_level("INFO", logger="rlcsd_jax.analysis.plot"):
         drawn = plot.render([("a", metrics.read_jsonl(str(tmp_path / "a")))],
                             str(tmp_path / "a.png"))
     assert drawn == ["Training reward", "Validation accuracy", "Response length", "Entropy"]

@@ -2,7 +2,7 @@
 127.0.0.1, gloo collectives) train 2 tiny rlcsd steps and write one checkpoint; the metrics and
 the parameters equal a single-process run over the same global batch.
 
-Both runs are real `python -m rlcsd_jax.train` processes (tests/train_driver.py, with fake
+Both runs are real `python -m rlcsd_jax.train` processes (tests/helpers/train_driver.py, with fake
 answers keyed by record index so each process grades its own block).  The fake pattern makes
 process 1 keep no rollout at step 1 and process 0 none at step 2, so the "a host with no
 survivors still joins the global mini-batch" path runs.  One mini-batch per step, so the
@@ -50,7 +50,7 @@ def _free_port() -> int:
 def _start(workdir, devices, env_extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", RLCSD_TEST_FAKE_PATTERN=json.dumps(PATTERN),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env_extra)
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_driver.py"),
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers", "train_driver.py"),
                              f"--workdir={workdir}", *ARGS], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -152,7 +152,7 @@ def test_single_process_helpers_are_the_identity():
     # The trainer calls these on every step; with one process they must not change anything.
     import jax
 
-    from rlcsd_jax import multihost, sharding
+    from rlcsd_jax.distributed import multihost, sharding
 
     mesh = sharding.make_mesh(fsdp=-1)
     x = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)

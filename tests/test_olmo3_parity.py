@@ -8,7 +8,7 @@ Tiny configs with an 8-layer 3:1 sliding/full pattern, window 16 and YaRN with o
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_logits, olmo3_config, padded_batch, save_hf_model
+from helpers.hf_fixtures import hf_logits, olmo3_config, padded_batch, save_hf_model
 from rlcsd_jax import models
 from rlcsd_jax.models import hf_compat
 

@@ -11,11 +11,12 @@ import sys
 import jax
 import numpy as np
 
-import fake_rollouts
+from helpers import fake_rollouts
 from rlcsd_jax import plan, sampling
 from rlcsd_jax.inference import programs as engine_programs
 from rlcsd_jax.planner import compile as compile_lib, hlo_cost, report
-from rlcsd_jax.trainer import loop, programs as programs_lib, update as update_lib
+from rlcsd_jax.trainer import programs as programs_lib, update as update_lib
+from rlcsd_jax.trainer import rl_trainer
 from test_train_loop import tiny_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -55,7 +56,7 @@ def _trainer_calls(tmp_path, monkeypatch, cfg, targets):
 
     for target in targets:
         record(*target)
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     tr.train_step(next(tr.iterator))
     monkeypatch.undo()
     return tr, calls
@@ -141,7 +142,7 @@ def test_engine_pool_too_small_for_a_row_is_refused():
     runs; a budget with room fits."""
     import importlib.util
 
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.trainer import setup
 
     spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs",
@@ -201,7 +202,7 @@ def test_impossible_config_exits_1_naming_the_program(tmp_path):
 def small_model_dir(path) -> str:
     """config.json of a 2-layer Qwen3 with 128-wide heads: the TPU ragged paged attention
     kernel works on 128-lane head dims, which the tiny preset's 32 are not."""
-    from hf_fixtures import qwen3_config
+    from helpers.hf_fixtures import qwen3_config
 
     qwen3_config(vocab_size=1024, hidden_size=256, intermediate_size=512,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=128,
@@ -234,7 +235,7 @@ def test_engine_decode_reads_near_its_floor(tmp_path):
     device / slots per device + live KV per token.  A pool-sized read or write per step, or the
     kernel priced at its whole page table, would be several times the floor here (pool and
     page table are 4x the live KV)."""
-    from rlcsd_jax import sharding
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.planner import topology
 
     cfg = tiny_config(tmp_path, method="grpo", **{

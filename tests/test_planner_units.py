@@ -118,7 +118,8 @@ def test_ragged_paged_attention_is_priced_at_the_live_kv(v5p):
     prices at nothing) is priced from its scope name at the live KV length the caller assumes:
     per slot and layer each live key's k and v read once (bf16), 4 FLOPs and one exp per key,
     query head and head dim; capped at the page table and, on sliding layers, at the window."""
-    from rlcsd_jax import models, sharding
+    from rlcsd_jax import models
+    from rlcsd_jax.distributed import sharding
     from rlcsd_jax.inference import plan, programs
 
     sl, _ = v5p

@@ -114,15 +114,16 @@ def test_trainer_steps_in_bf16(tmp_path, monkeypatch):
     """A real sdpo run (EMA teacher) with bf16 weights: weights, moments and teacher stay bf16,
     the weights move, the update program is compiled once, and the trainer's old log-probs
     equal the sampler's (both compute in fp32 from the same bf16 weights)."""
-    import fake_rollouts
+    from helpers import fake_rollouts
     from test_train_loop import tiny_config
 
-    from rlcsd_jax.trainer import loop, update
+    from rlcsd_jax.trainer import update
 
+    from rlcsd_jax.trainer import rl_trainer
     fake_rollouts.install(monkeypatch.setattr)
     cfg = tiny_config(tmp_path, "sdpo", **{"model.param_dtype": "bfloat16",
                                            "warm_start.steps": 2, "warm_start.batch_size": 4})
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     assert _dtypes(tr.state.params) == {"bfloat16"}
     tr.warm_start()                          # fp32 SFT inside, bf16 out
     assert _dtypes(tr.state.params) == {"bfloat16"}
@@ -164,8 +165,9 @@ def test_bf16_run_checkpoints_resumes_and_exports(tmp_path):
     from flax import nnx
     from transformers import AutoModelForCausalLM
 
-    from hf_fixtures import hf_logits
-    from rlcsd_jax import checkpoint_lookup, models
+    from helpers.hf_fixtures import hf_logits
+    from rlcsd_jax import models
+    from rlcsd_jax.trainer import checkpoint_lookup
     from rlcsd_jax.convert import _pure
     from rlcsd_jax.models import hf_io
 

@@ -23,7 +23,7 @@ from rlcsd_jax.data import (
     teacher_user_message,
 )
 from rlcsd_jax.data.chat_templates import QWEN3_CHAT_TEMPLATE
-from rlcsd_jax.rewards.knights_knaves import generate_puzzle
+from rlcsd_jax.data.knights_knaves import generate_puzzle
 
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 

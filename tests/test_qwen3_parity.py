@@ -8,7 +8,7 @@ by >1e-2).  bf16 compute is judged the way MaxText does: argmax agreement and pe
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_logits, padded_batch, qwen3_config, real_rows, save_hf_model
+from helpers.hf_fixtures import hf_logits, padded_batch, qwen3_config, real_rows, save_hf_model
 from rlcsd_jax import models
 
 LENGTHS = [256, 131, 40, 7]

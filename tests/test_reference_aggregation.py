@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fake_rollouts
+from helpers import fake_rollouts
 from rlcsd_jax import losses
 from rlcsd_jax.trainer import microbatch
 from test_losses import np_is, np_jsd, np_log_softmax, np_rlcsd, np_sdpo, np_tail
@@ -534,11 +534,11 @@ def test_processes_share_the_global_micro_batches():
 def test_method_defaults_and_budgets():
     """srpo and sdpo default to the reference's micro-batches, the others keep theirs; the
     rule's budget is train.teacher_max_len (the reference's per task and method)."""
-    from rlcsd_jax import config_base
+    from rlcsd_jax.trainer import train_config
     from rlcsd_jax.trainer import setup
 
     for method in losses.names():
-        cfg = config_base.reference_config(task="logic", preset="qwen3-4b", checkpoint="",
+        cfg = train_config.reference_config(task="logic", preset="qwen3-4b", checkpoint="",
                                            math_train="")
         cfg.method = method
         setup.check_config(cfg)
@@ -554,7 +554,7 @@ def test_method_defaults_and_budgets():
         assert split.teacher_aware == (method in microbatch.TEACHER_AWARE_METHODS)
         cfg.train.loss_aggregation = "per_rollout"
         assert setup.split_minibatches(cfg) is True
-    cfg = config_base.reference_config(task="math", preset="qwen3-4b", checkpoint="",
+    cfg = train_config.reference_config(task="math", preset="qwen3-4b", checkpoint="",
                                        math_train="x")
     cfg.method = "srpo"
     setup.check_config(cfg)
@@ -578,7 +578,7 @@ def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts,
     finite."""
     from test_train_loop import tiny_config
 
-    from rlcsd_jax.trainer import loop
+    from rlcsd_jax.trainer import rl_trainer
 
     cfg = tiny_config(tmp_path, method, **{"rollout.group_size": 8,
                                            "rollout.prompts_per_step": 8,
@@ -590,8 +590,8 @@ def test_trainer_runs_reference_micro_batches(tmp_path, monkeypatch, fake_texts,
         plans.append((a, k, real_plan(*a, **k)))
         return plans[-1][2]
 
-    monkeypatch.setattr(loop.microbatch, "plan", recording_plan)
-    tr = loop.Trainer(cfg, str(tmp_path))
+    monkeypatch.setattr(rl_trainer.microbatch, "plan", recording_plan)
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     assert tr.spec.aggregation == "reference_micro_batch"
     m = tr.train_step(next(tr.iterator))
     assert np.isfinite(m["train/loss"]) and np.isfinite(m["train/grad_norm"])

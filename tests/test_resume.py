@@ -2,7 +2,7 @@
 step's sampling phase, resumes to the bitwise-same parameters as an uninterrupted run with the
 same seed (issues: runs that survive; 21, preemption within seconds).
 
-Real `python -m rlcsd_jax.train` processes (through tests/train_driver.py, which only swaps in
+Real `python -m rlcsd_jax.train` processes (through tests/helpers/train_driver.py, which only swaps in
 deterministic fake answers so rlcsd has rollouts to keep).
 """
 
@@ -36,7 +36,7 @@ def start(workdir, slow=False, env=None, overrides=()):
         env["RLCSD_TEST_STEP_SLEEP"] = "2"
     keys = {o.split("=", 1)[0] for o in overrides}
     args = [a for a in ARGS if a.split("=", 1)[0] not in keys] + list(overrides)
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_driver.py"),
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "helpers", "train_driver.py"),
                              f"--workdir={workdir}", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F401 - pair: a fixture
-from rlcsd_jax import models, sampling, sharding
+from helpers.hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F401 - pair: a fixture
+from rlcsd_jax import models, sampling
 
 
+from rlcsd_jax.distributed import sharding
 def test_greedy_matches_hf_generate(pair):
     hf, model = pair
     rng = np.random.default_rng(0)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_fixtures import qwen3_config
-from rlcsd_jax import models, scoring, sharding
+from helpers.hf_fixtures import qwen3_config
+from rlcsd_jax import models, scoring
 
 
+from rlcsd_jax.distributed import sharding
 @pytest.fixture(scope="module")
 def model():
     return models.build(models.from_hf_config(qwen3_config(tied=False).to_dict()), seed=3)

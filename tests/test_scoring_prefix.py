@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_fixtures import olmo3_config, qwen3_config
-from rlcsd_jax import models, scoring, scoring_prefix, teacher_batch
+from helpers.hf_fixtures import olmo3_config, qwen3_config
+from rlcsd_jax import models, scoring
+from rlcsd_jax.data import packing
 from rlcsd_jax.trainer import shared_scoring as shared
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -39,7 +40,7 @@ def test_shared_prefix_rows_equal_full_rows(arch, impl):
     assert sum(len(pc.rows) for c in p.calls for m in c.packed for pc in m) == len(rows)
     k = 3
     at_ids = {i: rng.integers(0, 128, (len(r.response), k)) for i, r in enumerate(rows)}
-    out = shared.run(p, score_fn=lambda **a: scoring_prefix.shared_prefix_stats(
+    out = shared.run(p, score_fn=lambda **a: scoring.shared_prefix_stats(
         graphdef, params, **a, top_k=4, entropy=True), put=lambda x: x,
         get=lambda x: {key: np.asarray(v) for key, v in x.items()}, pad_id=0,
         at_ids=lambda i: at_ids[i])
@@ -48,7 +49,7 @@ def test_shared_prefix_rows_equal_full_rows(arch, impl):
     at = np.zeros((len(rows), t, k), np.int32)
     for i, a in at_ids.items():
         at[i, :len(a)] = a
-    full_ids, full_mask, start = teacher_batch.pack_rows(
+    full_ids, full_mask, start = packing.pack_rows(
         [list(r.prefix) for r in rows], [list(r.response) for r in rows], seq_len=128)
     ref = scoring.response_stats(model, jnp.asarray(full_ids), jnp.asarray(full_mask),
                                  jnp.asarray(start), t, top_k=4, at_ids=jnp.asarray(at),

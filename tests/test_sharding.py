@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from hf_fixtures import olmo3_config, qwen3_config, save_hf_model
-from rlcsd_jax import models, sharding
+from helpers.hf_fixtures import olmo3_config, qwen3_config, save_hf_model
+from rlcsd_jax import models
 
+from rlcsd_jax.distributed import sharding
 MESHES = [dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=4, tensor=2),
           dict(data=2, fsdp=2, tensor=2)]
 

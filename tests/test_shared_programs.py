@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-import fake_rollouts
+from helpers import fake_rollouts
 from benchmarks import teacher_tokens
-from rlcsd_jax import scoring_prefix, sharding
-from rlcsd_jax.trainer import loop, shared_passes, shared_programs
+from rlcsd_jax import scoring
+from rlcsd_jax.distributed import sharding
+from rlcsd_jax.trainer import shared_passes, shared_programs
+from rlcsd_jax.trainer import rl_trainer
 from test_shared_scoring import PATTERN, _config, _step_inputs
 
 
@@ -62,14 +64,14 @@ def test_tile_density_counts_the_tiles_of_both_passes():
 
 @contextlib.contextmanager
 def _recording(monkeypatch, calls: list):
-    """Within it `scoring_prefix.shared_prefix_stats` records each call's (args, kwargs) in
+    """Within it `scoring.shared_prefix_stats` records each call's (args, kwargs) in
     `calls`; yields the real function."""
-    real = scoring_prefix.shared_prefix_stats
+    real = scoring.shared_prefix_stats
     with monkeypatch.context() as m:
         def wrapped(*args, **kwargs):
             calls.append((args, kwargs))
             return real(*args, **kwargs)
-        m.setattr(scoring_prefix, "shared_prefix_stats", wrapped)
+        m.setattr(scoring, "shared_prefix_stats", wrapped)
         yield real
 
 
@@ -78,7 +80,7 @@ def _recorded_passes(tmp_path, monkeypatch, method, passes):
     ctx) on one step's inputs -> (cfg, tr, the recorded shared_prefix_stats calls, the real
     function)."""
     cfg = _config(tmp_path / method, method)
-    tr = loop.Trainer(cfg, str(tmp_path / method))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path / method))
     calls = []
     with _recording(monkeypatch, calls) as real, jax.set_mesh(tr.mesh):
         ro, ctx = _step_inputs(tr, cfg)

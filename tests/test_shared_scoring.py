@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-import fake_rollouts
-from rlcsd_jax.trainer import batches, loop, shared_passes, update
+from helpers import fake_rollouts
+from rlcsd_jax.trainer import batches, shared_passes, update
+from rlcsd_jax.trainer import rl_trainer
 from test_train_loop import tiny_config
 
 # G = 6: a lone correct rollout gets 4 wrong hints (k_max), three-correct groups give the
@@ -49,7 +50,7 @@ def test_teacher_outputs_equal_full_rows(tmp_path, monkeypatch, method):
     fake_rollouts.install(monkeypatch.setattr, PATTERN)
     # A 200-token budget truncates the longer teacher prompts on the left.
     cfg = _config(tmp_path, method, **{"train.teacher_max_len": 200})
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     with jax.set_mesh(tr.mesh):
         ro, ctx = _step_inputs(tr, cfg)
         rows, n = np.asarray(ctx.kept), ro.tokens.shape[1]
@@ -92,7 +93,7 @@ def test_training_metrics_equal_with_sharing_on_and_off(tmp_path, monkeypatch, m
     results = []
     for share in (True, False):
         cfg = _config(tmp_path / str(share), method, **{"train.share_teacher_prefixes": share})
-        tr = loop.Trainer(cfg, str(tmp_path / str(share)))
+        tr = rl_trainer.Trainer(cfg, str(tmp_path / str(share)))
         results.append([tr.train_step(next(tr.iterator)) for _ in range(2)])
     for on, off in zip(*results):
         for key, value in off.items():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from rlcsd_jax import losses
-import fake_rollouts
-from rlcsd_jax.trainer import loop
+from helpers import fake_rollouts
+from rlcsd_jax.trainer import rl_trainer
 
 
 def tiny_config(tmp_path, method="rlcsd", **over):
@@ -56,7 +56,7 @@ def params_of(tr):
 def test_rlcsd_plumbing(tmp_path, fake_texts):
     cfg = tiny_config(tmp_path)
     cfg.train.inject_nonfinite_grad_at = 3
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     p0 = params_of(tr)
     m1 = tr.train_step(next(tr.iterator))
     # Drops: 3 + 4 = 7 of 16 rollouts survive -> 2 mini-batches of 4 rows (1 prompt x G).
@@ -93,16 +93,16 @@ def test_rlcsd_plumbing(tmp_path, fake_texts):
 def test_teacher_prompts_over_budget_are_cut_and_counted(tmp_path, fake_texts):
     """A teacher sequence over `teacher_max_len` loses prompt tokens from the left (§2.4); the
     step reports how many, summed over the mini-batch."""
-    tr = loop.Trainer(tiny_config(tmp_path, **{"train.teacher_max_len": 160}), str(tmp_path))
+    tr = rl_trainer.Trainer(tiny_config(tmp_path, **{"train.teacher_max_len": 160}), str(tmp_path))
     m = tr.train_step(next(tr.iterator))
     assert m["train/num_updates"] > 0 and np.isfinite(m["train/loss"])
     assert m["train/teacher_prompt_truncated_tokens"] > 0
 
 
 def test_all_dropped_step_makes_no_update(tmp_path, monkeypatch, fake_texts):
-    monkeypatch.setattr(loop.batches_lib, "build_contexts",
-                        lambda *a, **k: loop.batches_lib.Contexts(np.zeros(0, int), [], [], {}))
-    tr = loop.Trainer(tiny_config(tmp_path), str(tmp_path))
+    monkeypatch.setattr(rl_trainer.batches_lib, "build_contexts",
+                        lambda *a, **k: rl_trainer.batches_lib.Contexts(np.zeros(0, int), [], [], {}))
+    tr = rl_trainer.Trainer(tiny_config(tmp_path), str(tmp_path))
     p0 = params_of(tr)
     m = tr.train_step(next(tr.iterator))
     assert m["train/num_updates"] == 0
@@ -113,7 +113,7 @@ def test_all_dropped_step_makes_no_update(tmp_path, monkeypatch, fake_texts):
 
 @pytest.mark.parametrize("method", [m for m in losses.names() if m != "rlcsd"])
 def test_every_method_runs(tmp_path, fake_texts, method):
-    tr = loop.Trainer(tiny_config(tmp_path, method), str(tmp_path))
+    tr = rl_trainer.Trainer(tiny_config(tmp_path, method), str(tmp_path))
     for _ in range(2):
         m = tr.train_step(next(tr.iterator))
     assert m["train/num_updates"] > 0
@@ -138,7 +138,7 @@ def test_sharded_run_matches_single_device(tmp_path, fake_texts):
         cfg = tiny_config(tmp_path / str(mesh["fsdp"]))
         cfg.rollout.temperature = 0.0
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh["data"], mesh["fsdp"], mesh["tensor"]
-        tr = loop.Trainer(cfg, str(tmp_path / str(mesh["fsdp"])))
+        tr = rl_trainer.Trainer(cfg, str(tmp_path / str(mesh["fsdp"])))
         assert tr.mesh.size == mesh["fsdp"] * mesh["tensor"]
         results.append([tr.train_step(next(tr.iterator)) for _ in range(2)])
     for one, eight in zip(*results):
@@ -155,9 +155,9 @@ def test_memory_is_checked_before_sampling(tmp_path):
     cfg.train.memory_limit_gb = 0.003
     with pytest.raises(MemoryError, match=r"score/teacher_shared does NOT fit: needs .* GiB per "
                                           r"device, the budget is 0.0 GiB .*train.teacher_max_len"):
-        loop.Trainer(cfg, str(tmp_path))
+        rl_trainer.Trainer(cfg, str(tmp_path))
     cfg.train.memory_limit_gb = 1.0
-    loop.Trainer(cfg, str(tmp_path))           # the same run fits a larger budget
+    rl_trainer.Trainer(cfg, str(tmp_path))           # the same run fits a larger budget
 
 
 @pytest.mark.parametrize("method", ["grpo", "rlcsd", "rlsd_ectr"])
@@ -172,17 +172,17 @@ def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, f
     from rlcsd_jax.trainer import batches, update
 
     captured = {}
-    build = loop.batches_lib.build_contexts
+    build = rl_trainer.batches_lib.build_contexts
 
     def capture_contexts(*a, **k):
         captured["ctx"] = build(*a, **k)
         return captured["ctx"]
 
-    monkeypatch.setattr(loop.batches_lib, "build_contexts", capture_contexts)
+    monkeypatch.setattr(rl_trainer.batches_lib, "build_contexts", capture_contexts)
     # One mini-batch with every prompt, no warmup, a small step: first-order behaviour.
     cfg = tiny_config(tmp_path, method, **{"train.minibatch_prompts": 4,
                                            "train.warmup_steps": 0, "train.lr": 1e-3})
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
 
     def sequence_logp(params, ro):
         rows = np.arange(len(ro.texts))
@@ -211,7 +211,7 @@ def test_base_seed_fixes_the_base_model_across_run_seeds(tmp_path):
         cfg = tiny_config(tmp_path / f"{seed}_{base_seed}", **{"warm_start.steps": 2,
                                                                 "warm_start.batch_size": 4})
         cfg.seed, cfg.base_seed = seed, base_seed
-        tr = loop.Trainer(cfg, str(tmp_path / f"{seed}_{base_seed}"))
+        tr = rl_trainer.Trainer(cfg, str(tmp_path / f"{seed}_{base_seed}"))
         tr.warm_start()
         return params_of(tr)
 
@@ -227,15 +227,15 @@ def test_permute_rewards_control_removes_the_rewards_information(tmp_path, monke
     """`rollout.permute_rewards` (a control run): the update sees the step's rewards shuffled
     across its rollouts, with advantages recomputed; the reward rate is unchanged."""
     seen = {}
-    real = loop.batches_lib.build_contexts
+    real = rl_trainer.batches_lib.build_contexts
 
     def spy(method, ro, *args, **kwargs):
         seen["ro"] = ro
         return real(method, ro, *args, **kwargs)
 
-    monkeypatch.setattr(loop.batches_lib, "build_contexts", spy)
+    monkeypatch.setattr(rl_trainer.batches_lib, "build_contexts", spy)
     cfg = tiny_config(tmp_path, "grpo", **{"rollout.permute_rewards": True})
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     m = tr.train_step(next(tr.iterator))
     graded, used = fake_texts["rollouts"].rewards, seen["ro"].rewards
     assert sorted(used) == sorted(graded) and not np.array_equal(used, graded)

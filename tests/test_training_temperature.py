@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_fixtures import qwen3_config
+from helpers.hf_fixtures import qwen3_config
 from rlcsd_jax import losses, models
 from rlcsd_jax.trainer import update
 
@@ -169,14 +169,14 @@ def test_gradient_is_of_the_tempered_objective(student):
 def test_trainer_old_logprobs_equal_the_samplers_at_t_0_7(tmp_path, monkeypatch):
     """A real training step at rollout T = 0.7: the trainer's old log-probs of the sampled tokens
     equal the sampler's own (same fp32 weights), and scoring them at T = 1 would not."""
-    import fake_rollouts
+    from helpers import fake_rollouts
     from test_train_loop import tiny_config
 
-    from rlcsd_jax.trainer import loop
+    from rlcsd_jax.trainer import rl_trainer
 
     fake_rollouts.install(monkeypatch.setattr)
     cfg = tiny_config(tmp_path, "grpo", **{"rollout.temperature": T})
-    tr = loop.Trainer(cfg, str(tmp_path))
+    tr = rl_trainer.Trainer(cfg, str(tmp_path))
     assert tr.spec.temperature == T
     m = tr.train_step(next(tr.iterator))
     # Mean |old - sampler| per token; same weights, both fp32 (the T = 1 test uses 1e-4 too).

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from rlcsd_jax import metrics
+from rlcsd_jax.trainer import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,13 +63,13 @@ def test_wandb_missing_says_which_extra(tmp_path, monkeypatch):
 
 
 def test_run_config_selects_wandb():
-    from rlcsd_jax import config_base
-    from rlcsd_jax.trainer import run
+    from rlcsd_jax.trainer import train_config
+    from rlcsd_jax.trainer import loop
 
-    cfg = config_base.get_base_config()
-    assert run._wandb_options(cfg, "gs://b/runs/q17") is None
+    cfg = train_config.get_base_config()
+    assert loop._wandb_options(cfg, "gs://b/runs/q17") is None
     cfg.log.wandb, cfg.log.wandb_entity = True, "team"
-    opts = run._wandb_options(cfg, "gs://b/runs/q17/")
+    opts = loop._wandb_options(cfg, "gs://b/runs/q17/")
     assert opts["project"] == "rlcsd_jax" and opts["entity"] == "team"
     assert opts["name"] == "q17" and opts["config"]["method"] == "rlcsd"
 
@@ -77,7 +77,7 @@ def test_run_config_selects_wandb():
 NO_TF = """
 import sys
 sys.modules["tensorflow"] = None          # `import tensorflow` now raises ImportError
-from rlcsd_jax import metrics, writers
+from rlcsd_jax.trainer import metrics, writers
 logger = metrics.MetricsLogger(sys.argv[1], total_steps=2, console=False)
 logger.write(1, {"train/reward_mean": 0.5})
 logger.write(2, {"train/reward_mean": 0.75})

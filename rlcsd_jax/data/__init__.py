@@ -18,7 +18,6 @@ from rlcsd_jax.data.prompts import (
     filter_long_prompts,
     is_train_source,
     render_chat,
-    stop_token_ids,
     strip_legacy_wrappers,
     student_prompt,
     student_user_message,
@@ -28,7 +27,7 @@ from rlcsd_jax.data.prompts import (
 from rlcsd_jax.data.readers import kk_records, read_jsonl, read_records, read_verl_parquet
 from rlcsd_jax.data.records import Record
 from rlcsd_jax.data.tfds_reader import build_kk_tfds, read_tfds
-from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, stop_token_ids
 
 __all__ = [
     "BOXED_INSTRUCTION",

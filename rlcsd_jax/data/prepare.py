@@ -41,7 +41,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 
-from rlcsd_jax import storage
+from rlcsd_jax.data import storage
 from rlcsd_jax.data import prompts, readers
 
 log = logging.getLogger("rlcsd_jax.data.prepare")

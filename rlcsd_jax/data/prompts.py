@@ -14,11 +14,8 @@ limit are dropped and counted, never truncated.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 from typing import Iterable, Sequence
 
-from rlcsd_jax.data.chat_templates import END_OF_TURN_TOKEN
 from rlcsd_jax.data.records import Record
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -188,50 +185,3 @@ def filter_long_prompts(
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept = [r for r, row in zip(records, ids) if len(row) <= max_len]
     return kept, len(records) - len(kept)
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def stop_token_ids(model_dir_or_tokenizer, *, include_end_of_turn: bool = True) -> list[int]:
-    """Token ids that end a sampled response.
-
-    ``eos_token_id`` (int or list) from the folder's ``generation_config.json`` when present, else
-    the tokenizer's eos.  With ``include_end_of_turn`` the ``<|im_end|>`` id is added when the
-    vocabulary has it: every ChatML template (Qwen3, Olmo-3) closes the assistant turn with it,
-    and a generation config that lists only ``<|endoftext|>`` would otherwise run past the answer.
-    """
-    tokenizer = None
-    if isinstance(model_dir_or_tokenizer, (str, os.PathLike)):
-        folder = os.fspath(model_dir_or_tokenizer)
-    else:
-        tokenizer = model_dir_or_tokenizer
-        folder = getattr(tokenizer, "name_or_path", "") or ""
-    ids: list[int] = []
-    config_path = os.path.join(folder, "generation_config.json") if folder else ""
-    if config_path and os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            ids = _as_id_list(json.load(f).get("eos_token_id"))
-    if not ids or include_end_of_turn:
-        if tokenizer is None:
-            from rlcsd_jax.data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(folder)
-        if not ids:
-            ids = _as_id_list(tokenizer.eos_token_id)
-        if include_end_of_turn:
-            end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
-            unk_id = getattr(tokenizer, "unk_token_id", None)
-            if isinstance(end_id, int) and end_id != unk_id and end_id not in ids:
-                ids.append(end_id)
-    if not ids:
-        raise ValueError(
-            f"no stop token: {folder or 'the tokenizer'} has no generation_config.json "
-            "eos_token_id and the tokenizer has no eos token"
-        )
-    return ids

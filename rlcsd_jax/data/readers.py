@@ -10,7 +10,7 @@ TFDS lives in ``tfds_reader`` (TensorFlow is slow to import).
 
 A malformed row raises ``ValueError("<file>: row <i>: field '<name>' …")`` (rows count from 0;
 JSONL errors also give the 1-based line number).  Files may be local or URLs (``gs://...``):
-they are opened through ``etils.epath`` (``rlcsd_jax.storage``), so a pod can read its data
+they are opened through ``etils.epath`` (``rlcsd_jax.data.storage``), so a pod can read its data
 straight from a bucket.
 """
 
@@ -20,7 +20,10 @@ import json
 import re
 from typing import Any, Mapping
 
-from rlcsd_jax import storage
+import numpy as np
+
+from rlcsd_jax.data import storage
+from rlcsd_jax.data.knights_knaves import generate_puzzle
 from rlcsd_jax.data.prompts import strip_legacy_wrappers
 from rlcsd_jax.data.records import Record
 
@@ -247,10 +250,6 @@ def kk_record(data_source: str, index: int, *, seed: int = 0,
               name_pool: int | None = None) -> Record:
     """Record ``index`` of a generated K&K set; independent of every other record, so any slice
     can be produced alone.  Train and test sets draw from different seeds."""
-    import numpy as np
-
-    from rlcsd_jax.rewards.knights_knaves import generate_puzzle
-
     low, high, split = parse_kk_source(data_source)
     n_people = kk_people_count(data_source, index)
     rng = np.random.default_rng([seed, 1 if split == "test" else 0, low, high, index])

@@ -43,19 +43,19 @@ def build_kk_tfds(data_dir: str, config: str = "kk_4to8", **overrides) -> str:
 
     tfds = _tfds()
 
-    from rlcsd_jax.data import tfds_kk
+    from rlcsd_jax.data.knights_knaves import tfds_builder
 
-    configs = {c.name: c for c in tfds_kk.KnightsKnaves.BUILDER_CONFIGS}
+    configs = {c.name: c for c in tfds_builder.KnightsKnaves.BUILDER_CONFIGS}
     if config not in configs:
         raise ValueError(f"unknown K&K config {config!r}; allowed: {sorted(configs)}")
     builder_config = configs[config]
     if overrides:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(tfds_kk.KKConfig)}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(tfds_builder.KKConfig)}
         if unknown:
             raise ValueError(f"unknown K&K config fields {sorted(unknown)}")
         variant = "-".join([config] + [f"{k}{v}" for k, v in sorted(overrides.items())])
         builder_config = dataclasses.replace(builder_config, name=variant, **overrides)
-    builder = tfds_kk.KnightsKnaves(config=builder_config, data_dir=data_dir)
+    builder = tfds_builder.KnightsKnaves(config=builder_config, data_dir=data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )

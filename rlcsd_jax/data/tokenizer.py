@@ -12,7 +12,11 @@ import json
 import os
 from typing import Iterable
 
-from rlcsd_jax.data.chat_templates import QWEN3_CHAT_TEMPLATE
+import numpy as np
+
+from rlcsd_jax.data.chat_templates import END_OF_TURN_TOKEN, QWEN3_CHAT_TEMPLATE
+from rlcsd_jax.data.knights_knaves import generate_puzzle
+from rlcsd_jax.data.prompts import BOXED_INSTRUCTION, teacher_user_message
 
 # Special tokens get ids 0..len-1 in this order.  <think> / </think> are added as NORMAL tokens
 # (as in Qwen3) so that decoding with skip_special_tokens=True keeps them.
@@ -44,11 +48,6 @@ def load_tokenizer(path: str):
 
 def default_corpus() -> list[str]:
     """Deterministic training text: generated K&K puzzles (2–11 people), prompts, math snippets."""
-    import numpy as np
-
-    from rlcsd_jax.data.prompts import BOXED_INSTRUCTION, teacher_user_message
-    from rlcsd_jax.rewards.knights_knaves import generate_puzzle
-
     texts = list(_MATH_CORPUS)
     for n in range(2, 12):
         for k in range(4):
@@ -114,3 +113,48 @@ def build_tiny_tokenizer(
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config, f, indent=2)
     return out_dir
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def stop_token_ids(model_dir_or_tokenizer, *, include_end_of_turn: bool = True) -> list[int]:
+    """Token ids that end a sampled response.
+
+    ``eos_token_id`` (int or list) from the folder's ``generation_config.json`` when present, else
+    the tokenizer's eos.  With ``include_end_of_turn`` the ``<|im_end|>`` id is added when the
+    vocabulary has it: every ChatML template (Qwen3, Olmo-3) closes the assistant turn with it,
+    and a generation config that lists only ``<|endoftext|>`` would otherwise run past the answer.
+    """
+    tokenizer = None
+    if isinstance(model_dir_or_tokenizer, (str, os.PathLike)):
+        folder = os.fspath(model_dir_or_tokenizer)
+    else:
+        tokenizer = model_dir_or_tokenizer
+        folder = getattr(tokenizer, "name_or_path", "") or ""
+    ids: list[int] = []
+    config_path = os.path.join(folder, "generation_config.json") if folder else ""
+    if config_path and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            ids = _as_id_list(json.load(f).get("eos_token_id"))
+    if not ids or include_end_of_turn:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder)
+        if not ids:
+            ids = _as_id_list(tokenizer.eos_token_id)
+        if include_end_of_turn:
+            end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+            unk_id = getattr(tokenizer, "unk_token_id", None)
+            if isinstance(end_id, int) and end_id != unk_id and end_id not in ids:
+                ids.append(end_id)
+    if not ids:
+        raise ValueError(
+            f"no stop token: {folder or 'the tokenizer'} has no generation_config.json "
+            "eos_token_id and the tokenizer has no eos token"
+        )
+    return ids

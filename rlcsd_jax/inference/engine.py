@@ -283,7 +283,7 @@ def generate_batch(graphdef, params, prompts: Sequence[Sequence[int]], *, num_sa
     out = engine.run()
     if jax.process_count() == 1:
         return out
-    from rlcsd_jax import multihost
+    from rlcsd_jax.distributed import multihost
 
     stats = out.pop("stats")
     return dict(multihost.local_block(out), stats=stats)
@@ -291,12 +291,12 @@ def generate_batch(graphdef, params, prompts: Sequence[Sequence[int]], *, num_sa
 
 def _gather_prompts(prompts) -> list[list[int]]:
     """Multi-host: each process passes its block of prompts (the trainer's convention,
-    `rlcsd_jax.multihost`); every process schedules the concatenation, in process order, and
+    `rlcsd_jax.distributed.multihost`); every process schedules the concatenation, in process order, and
     returns its own rows (`multihost.local_block`).  One process: the prompts themselves."""
     prompts = [list(map(int, p)) for p in prompts]
     if jax.process_count() == 1:
         return prompts
-    from rlcsd_jax import multihost
+    from rlcsd_jax.distributed import multihost
 
     width = multihost.global_max(max(len(p) for p in prompts))
     block = np.full((len(prompts), width + 1), -1, np.int64)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rlcsd_jax.sharding import BATCH_AXES
+from rlcsd_jax.distributed.sharding import BATCH_AXES
 
 SCOPE = "ragged_paged_b{b}_h{h}_kv{kv}_d{d}_p{p}_pps{pps}_w{w}"
 # Finite "minus infinity" (a padding slot sees nothing and must not produce NaN).

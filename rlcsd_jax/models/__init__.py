@@ -15,7 +15,8 @@ from flax import nnx
 from rlcsd_jax.models import olmo3, qwen3
 from rlcsd_jax.models.config import (FULL, SLIDING, ModelConfig, RopeConfig, from_hf_config,
                                      to_hf_config)
-from rlcsd_jax.models.decoder import REMAT_POLICIES, CausalLM, KVCache, positions_from_mask
+from rlcsd_jax.models.decoder import (REMAT_POLICIES, CausalLM, KVCache, abstract_model,
+                                      positions_from_mask)
 from rlcsd_jax.models.hf_io import (CheckpointError, SafetensorsReader, config_for,
                                     load_hf_config_dict, read_params, save_pretrained)
 
@@ -23,8 +24,8 @@ PRESETS: dict[str, ModelConfig] = {**qwen3.PRESETS, **olmo3.PRESETS}
 
 __all__ = ["CausalLM", "CheckpointError", "FULL", "KVCache", "ModelConfig", "PRESETS",
            "REMAT_POLICIES", "RopeConfig", "SLIDING", "abstract_model", "build", "from_hf_config",
-           "get_preset", "load", "load_hf_config_dict", "load_pretrained", "num_params", "positions_from_mask", "save_pretrained",
-           "to_hf_config"]
+           "get_preset", "load", "load_hf_config_dict", "load_pretrained", "num_params",
+           "positions_from_mask", "save_pretrained", "to_hf_config"]
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
@@ -43,11 +44,6 @@ def build(cfg: ModelConfig, seed: int = 0) -> CausalLM:
     return nnx.merge(graphdef, state)
 
 
-def abstract_model(cfg: ModelConfig) -> CausalLM:
-    """Shapes and dtypes only, no memory (`nnx.eval_shape`)."""
-    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-
-
 def num_params(model_or_cfg) -> int:
     model = abstract_model(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -60,7 +56,7 @@ def load_pretrained(hf_dir: str, dtype: str = "float32", param_dtype: str = "flo
     dtype is the compute dtype, param_dtype the stored parameter dtype.  With a mesh every
     parameter is placed directly with its rule-table sharding while streaming.
     """
-    from rlcsd_jax import sharding as sharding_lib
+    from rlcsd_jax.distributed import sharding as sharding_lib
 
     reader = SafetensorsReader(hf_dir)
     cfg = config_for(hf_dir, dtype=dtype, param_dtype=param_dtype, **config_overrides)

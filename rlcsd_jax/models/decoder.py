@@ -259,3 +259,8 @@ class CausalLM(nnx.Module):
         if return_all:
             return h, cache, all_h
         return h, cache
+
+
+def abstract_model(cfg: ModelConfig) -> CausalLM:
+    """Shapes and dtypes only, no memory (`nnx.eval_shape`)."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))

@@ -2,8 +2,8 @@
 
 Shapes: B batch, T query length, S key length, H query heads, KV key/value heads, G = H // KV,
 D head dim, d model width, F MLP width.  Parameters carry logical axis names (see
-`rlcsd_jax.sharding.LOGICAL_RULES`) in their `out_sharding` metadata; the mesh mapping is applied
-by `rlcsd_jax.sharding`, never here.
+`rlcsd_jax.distributed.sharding.LOGICAL_RULES`) in their `out_sharding` metadata; the mesh mapping is applied
+by `rlcsd_jax.distributed.sharding`, never here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Knights & Knaves grading (RLCSD_SPEC §6.4) and the public face of the puzzle generator.
+"""Knights & Knaves grading (RLCSD_SPEC §6.4); the puzzle generator is `data.knights_knaves`.
 
 Grading: take the last ``\\boxed{}`` of the response (none → 0), parse both it and the ground
 truth (unwrapped from its own box if it has one) into ``{name.lower(): role}`` and compare.
@@ -13,17 +13,6 @@ from __future__ import annotations
 import re
 
 from rlcsd_jax.rewards.boxed import last_boxed
-from rlcsd_jax.rewards.kk_puzzles import (  # noqa: F401 - re-exported API
-    MAX_PEOPLE,
-    MIN_PEOPLE,
-    NAMES,
-    KKPuzzle,
-    answer_text,
-    generate_puzzle,
-    quiz_text,
-    solve,
-)
-from rlcsd_jax.rewards.kk_reasoning import reasoning_text  # noqa: F401 - re-exported API
 
 # Two guards keep matching linear on hostile input without changing any realistic result:
 # the look-behind never starts a name right after a letter (finditer's leftmost match cannot

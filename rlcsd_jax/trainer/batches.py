@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from rlcsd_jax import hints as hints_lib
-from rlcsd_jax import teacher_batch
+from rlcsd_jax.data import packing
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.trainer.rollout import PromptEncoder, Rollouts
 
@@ -101,7 +101,7 @@ def student_batch(rollouts: Rollouts, rows: np.ndarray, local_rows: int, width: 
     rows = np.asarray(rows, np.int64)
     prompts = [prompt_ids(rollouts, r) for r in rows] + [[]] * (local_rows - len(rows))
     responses = [rollouts.response_ids(r) for r in rows] + [[]] * (local_rows - len(rows))
-    ids, mask, start = teacher_batch.pack_rows(prompts, responses, seq_len=width, pad_id=pad_id)
+    ids, mask, start = packing.pack_rows(prompts, responses, seq_len=width, pad_id=pad_id)
     n = response_width
     resp_mask = np.zeros((local_rows, n), np.int32)
     sampler = np.zeros((local_rows, n), np.float32)
@@ -123,7 +123,7 @@ def teacher_arrays(rollouts: Rollouts, contexts: Contexts, positions: np.ndarray
     correct = [contexts.correct_prompts[p] for p in positions]
     wrong = [contexts.wrong_prompts[p] for p in positions]
     responses = [rollouts.response_ids(r) for r in rows]
-    tb = teacher_batch.pack_teacher_batch(correct, wrong, responses, k_max=k_slots,
+    tb = packing.pack_teacher_batch(correct, wrong, responses, k_max=k_slots,
                                           max_len=max_len, pad_id=pad_id, batch_size=local_rows,
                                           seq_len=width)
     return dict(input_ids=tb.input_ids, attention_mask=tb.attention_mask,

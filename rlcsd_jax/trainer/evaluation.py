@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlcsd_jax import multihost, sampling
+from rlcsd_jax import sampling
+from rlcsd_jax.distributed import multihost
 from rlcsd_jax.trainer import rollout
 
 

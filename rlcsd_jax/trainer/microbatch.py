@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from rlcsd_jax import multihost
+from rlcsd_jax.distributed import multihost
 from rlcsd_jax.data.packing import bucket_length
 
 

@@ -13,7 +13,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlcsd_jax import losses, multihost, rewards, sampling
+from rlcsd_jax import losses, rewards, sampling
+from rlcsd_jax.distributed import multihost
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data.records import Record
 

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlcsd_jax import config_base, losses, models, multihost, sharding
+from rlcsd_jax import losses, models
+from rlcsd_jax.trainer import train_config
+from rlcsd_jax.distributed import multihost, sharding
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data import readers
 from rlcsd_jax.data.records import Record
-from rlcsd_jax.data.tokenizer import build_tiny_tokenizer
+from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, stop_token_ids
 from rlcsd_jax.trainer import microbatch
 from rlcsd_jax.trainer.update import StepSpec
 
@@ -77,9 +79,9 @@ PARAM_DTYPES = ("float32", "bfloat16")
 def resolve_config(cfg) -> None:
     """Fills, in place, the keys whose default depends on the method (known only once the
     command line is applied): `train.teacher_max_len` < 0 becomes the reference's budget for
-    the task, model preset and method (`config_base.reference_token_budget`)."""
+    the task, model preset and method (`train_config.reference_token_budget`)."""
     if cfg.train.teacher_max_len < 0:
-        cfg.train.teacher_max_len = config_base.reference_token_budget(
+        cfg.train.teacher_max_len = train_config.reference_token_budget(
             cfg.data.task, cfg.model.preset, cfg.method, max_prompt_len=cfg.data.max_prompt_len,
             max_response_len=cfg.rollout.max_new_tokens)
         logging.info("train.teacher_max_len = %d (the reference's budget for %s / %s / %s)",
@@ -202,7 +204,7 @@ def load_data(cfg, tokenizer):
 
 
 def stop_ids(cfg, tokenizer, tok_dir: str) -> list[int]:
-    return prompts_lib.stop_token_ids(tok_dir if os.path.isdir(tok_dir) else tokenizer)
+    return stop_token_ids(tok_dir if os.path.isdir(tok_dir) else tokenizer)
 
 
 def pad_id(tokenizer) -> int:
@@ -287,7 +289,7 @@ def split_minibatches(cfg) -> bool | microbatch.ReferenceRule:
     if agg == "reference_micro_batch":
         budget = cfg.train.teacher_max_len
         if budget <= 0:          # not resolved yet (check_config resolves it)
-            budget = config_base.reference_token_budget(
+            budget = train_config.reference_token_budget(
                 cfg.data.task, cfg.model.preset, cfg.method,
                 max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.rollout.max_new_tokens)
         return microbatch.reference_rule(

@@ -13,7 +13,8 @@ import functools
 
 import numpy as np
 
-from rlcsd_jax import multihost, scoring_prefix
+from rlcsd_jax.distributed import multihost
+from rlcsd_jax import scoring
 from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import setup
 from rlcsd_jax.trainer import shared_scoring as shared
@@ -25,7 +26,7 @@ def _runner(tr, params, **stat_kw):
     kw = dict(chunk=spec.chunk, temperature=spec.temperature, **stat_kw)
 
     def score_fn(**arrays):
-        return scoring_prefix.shared_prefix_stats(tr.graphdef, params, **arrays, **kw)
+        return scoring.shared_prefix_stats(tr.graphdef, params, **arrays, **kw)
     return dict(score_fn=score_fn, put=tr.put,
                 get=functools.partial(multihost.to_host_local, mesh=tr.mesh), pad_id=tr.pad_id)
 

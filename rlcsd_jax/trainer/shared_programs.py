@@ -1,6 +1,6 @@
 """The scoring programs of the shared-prefix path (`train.share_teacher_prefixes`).
 
-`shared_passes.teacher_pass` scores a mini-batch with `scoring_prefix.shared_prefix_stats`: one
+`shared_passes.teacher_pass` scores a mini-batch with `scoring.shared_prefix_stats`: one
 shared-prefix row of W tokens per device block per call (each distinct prefix once, followed
 by the responses scored under it), in the calls of `shared_scoring.plan`.  This module builds
 it as `programs.Program`s for the planner and the trainer's start-up memory check, as
@@ -29,10 +29,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from rlcsd_jax import scoring_prefix
+from rlcsd_jax import scoring
 from rlcsd_jax.models import flash
 from rlcsd_jax.trainer import batches as batches_lib
-from rlcsd_jax.trainer import programs as programs_lib
+from rlcsd_jax.trainer import program_shapes as programs_lib
 from rlcsd_jax.trainer import shared_scoring
 
 # Tokens of a teacher prompt beyond the student prompt and the hint's text: the teacher
@@ -203,7 +203,7 @@ def _programs(rs, passes, *, graphdef, spec, shards: int, width: int, typ: Share
             calls, tokens = typ.calls * share, shards * width
             model = continuation_flops(mcfg, shards, 0, width)
         return programs_lib.Program(
-            name, "score", scoring_prefix.shared_prefix_stats,
+            name, "score", scoring.shared_prefix_stats,
             (graphdef, params, rows, rows, rows, rows, rows, b((shards, scored)),
              b((shards, scored)), at), kwargs, calls, tokens, model,
             what=f"{shards} shared-prefix rows (1 per block) x {width} tokens, {scored} scored"

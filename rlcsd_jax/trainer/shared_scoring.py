@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from rlcsd_jax import multihost
+from rlcsd_jax.distributed import multihost
 from rlcsd_jax.data.packing import bucket_length, default_bucket
 
 
@@ -214,14 +214,14 @@ def teacher_rows(rollouts, contexts, rows: np.ndarray, positions: np.ndarray, *,
                  max_len: int) -> list[Row]:
     """One row per valid context of each rollout (correct hint first, then its wrong hints),
     the prompt left-truncated so prompt + response fit `max_len`, as full-row scoring does."""
-    from rlcsd_jax import teacher_batch
+    from rlcsd_jax.data import packing
 
     out = []
     for i, (r, pos) in enumerate(zip(rows, positions)):
         response = tuple(rollouts.response_ids(r))
         prompts = [contexts.correct_prompts[pos], *contexts.wrong_prompts[pos]]
         for c, prompt in enumerate(prompts):
-            kept, _ = teacher_batch.truncate_prompt_left(prompt, len(response), max_len)
+            kept, _ = packing.truncate_prompt_left(prompt, len(response), max_len)
             out.append(Row(i, c, tuple(int(x) for x in kept), response))
     return out
 

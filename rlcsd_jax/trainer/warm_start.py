@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rlcsd_jax import scoring, teacher_batch
+from rlcsd_jax import scoring
+from rlcsd_jax.data import packing
 from rlcsd_jax.trainer import state as state_lib
 
 
@@ -98,15 +99,15 @@ def warm_start(graphdef, params, examples, *, steps: int, batch_size: int, lr: f
     opt_state = tx.init(params)
     rng = np.random.default_rng([seed, 12345])
     max_resp = max(len(r) for _, r in examples)
-    length = teacher_batch.bucket_length(max_resp)
+    length = packing.bucket_length(max_resp)
     t0 = time.perf_counter()
     for step in range(steps):
         pick = rng.choice(len(examples), size=batch_size, replace=len(examples) < batch_size)
         prompts = [examples[i][0] for i in pick]
         responses = [examples[i][1] for i in pick]
-        width = teacher_batch.bucket_length(max(len(p) + len(r) for p, r in
+        width = packing.bucket_length(max(len(p) + len(r) for p, r in
                                                 zip(prompts, responses)), buckets)
-        ids, mask, starts = teacher_batch.pack_rows(prompts, responses, seq_len=width,
+        ids, mask, starts = packing.pack_rows(prompts, responses, seq_len=width,
                                                     pad_id=pad_id)
         resp_mask = (np.arange(length)[None] < np.array([len(r) for r in responses])[:, None])
         batch = put(dict(input_ids=ids, attention_mask=mask, response_start=starts,

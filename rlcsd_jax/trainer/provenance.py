@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 
-from rlcsd_jax import storage
+from rlcsd_jax.data import storage
 
 log = logging.getLogger(__name__)
 

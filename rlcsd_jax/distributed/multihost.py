@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlcsd_jax.sharding import batch_sharding
+from rlcsd_jax.distributed.sharding import batch_sharding
 
 
 def initialize(enabled: bool) -> None:

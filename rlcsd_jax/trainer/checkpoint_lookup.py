@@ -59,7 +59,7 @@ def resolve_checkpoint(path: str, step: int | None = None) -> Target:
 def read_only_checkpointer(directory: str):
     """A Checkpointer that never writes: no tmp-folder cleanup (a live run may be saving
     there), no folder creation, and damaged steps are skipped but not moved aside."""
-    from rlcsd_jax import checkpointing
+    from rlcsd_jax.trainer import checkpointing
 
     class ReadOnly(checkpointing.Checkpointer):
         def _make_manager(self, options):

@@ -8,8 +8,9 @@ answers per group (the token ids the losses see are still the model's own sample
   group 3: all wrong            -> dropped (self_rollout)
 """
 
-from rlcsd_jax.trainer import loop, rollout
+from rlcsd_jax.trainer import rollout
 
+from rlcsd_jax.trainer import rl_trainer
 PATTERN = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
 
 
@@ -50,5 +51,5 @@ def install(setattr_fn=None, pattern=PATTERN, by_record_index=False):
 
     setattr_fn(rollout, "decode", decode)
     setattr_fn(rollout, "sample", sample)
-    setattr_fn(loop.rollout, "sample", sample)
+    setattr_fn(rl_trainer.rollout, "sample", sample)
     return state

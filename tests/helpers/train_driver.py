@@ -10,9 +10,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-import fake_rollouts  # noqa: E402
+from helpers import fake_rollouts  # noqa: E402
 
 from absl import app  # noqa: E402
 
@@ -22,16 +22,16 @@ def _slow_steps(seconds: float) -> None:
     """Sleep after every training step so a test can signal between checkpoints."""
     import time
 
-    from rlcsd_jax.trainer import loop
+    from rlcsd_jax.trainer import rl_trainer
 
-    real = loop.Trainer.train_step
+    real = rl_trainer.Trainer.train_step
 
     def train_step(self, records):
         out = real(self, records)
         time.sleep(seconds)
         return out
 
-    loop.Trainer.train_step = train_step
+    rl_trainer.Trainer.train_step = train_step
 
 
 def _slow_sampling(seconds: float, marker: str) -> None:
@@ -39,9 +39,9 @@ def _slow_sampling(seconds: float, marker: str) -> None:
     signal while a step is in its sampling phase (before any update)."""
     import time
 
-    from rlcsd_jax.trainer import loop
+    from rlcsd_jax.trainer import rl_trainer
 
-    real = loop.rollout.sample
+    real = rl_trainer.rollout.sample
 
     def sample(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -50,7 +50,7 @@ def _slow_sampling(seconds: float, marker: str) -> None:
         time.sleep(seconds)
         return out
 
-    loop.rollout.sample = sample
+    rl_trainer.rollout.sample = sample
 
 
 if __name__ == "__main__":

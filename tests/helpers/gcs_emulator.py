@@ -9,7 +9,7 @@ installed (the default install has no TensorFlow, so this is the production path
 The emulator ignores GCS's generation preconditions and sends no `x-goog-generation` header,
 which tensorstore's OCDBT manifest updates rely on; `_add_generations` adds both (as GCS does:
 412 when `ifGenerationMatch` fails, 304 when `ifGenerationNotMatch` matches).  Run as a script
-(`python tests/gcs_emulator.py PORT BUCKET`) it serves until terminated.
+(`python tests/helpers/gcs_emulator.py PORT BUCKET`) it serves until terminated.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Paper-analysis tools: the style-drift token tables and training-curve plots."""

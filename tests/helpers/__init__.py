@@ -1,0 +1,1 @@
+"""Test helpers: fixtures, fakes and NumPy references shared by the test files."""

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlcsd_jax import evaluate as ev
+from rlcsd_jax.analysis import results_table
+from rlcsd_jax.trainer import checkpoint_eval, checkpoint_lookup
 from rlcsd_jax import models
 from rlcsd_jax.data.records import Record
 from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -44,14 +45,14 @@ def test_mean_at_k_by_hand():
     one = evaluation.mean_at_k(records, np.asarray([1, 0, 1], np.float32), 1)
     assert one == pytest.approx({"aime24": 0.5, "kk_9": 1.0, "avg": 0.75})
 
-    res = ev.results_dict({f"eval/{k}": v for k, v in scores.items()},
+    res = checkpoint_eval.results_dict({f"eval/{k}": v for k, v in scores.items()},
                           num_problems={"aime24": 2, "kk_9": 1}, num_samples=4,
                           sampling={"temperature": 0.6}, checkpoint="/ckpt", step=None,
                           name="fake")
     assert res["scores"] == pytest.approx({"aime24": 0.375, "kk_9": 0.75})
     assert res["group_avgs"] == pytest.approx({"Math Avg": 0.375, "Logic Avg": 0.75})
     assert res["avg"] == pytest.approx(0.5625) and res["metric"] == "mean@4"
-    assert ev.format_table([ev.table_row(res)]).splitlines() == [
+    assert results_table.format_table([results_table.table_row(res)]).splitlines() == [
         "| Checkpoint | aime24 | Math Avg | kk_9 | Logic Avg | Avg |",
         "|:---|---:|---:|---:|---:|---:|",
         "| fake | 37.5 | 37.5 | 75.0 | 75.0 | 56.2 |"]
@@ -95,10 +96,10 @@ def test_evaluate_on_fake_generations_by_hand(tmp_path):
     assert out["eval/kk_10"] == pytest.approx(kk_10)
     assert out["eval/avg"] == pytest.approx((kk_9 + kk_10) / 2)
 
-    res = ev.results_dict(out, num_problems={"kk_9": 2, "kk_10": 1}, num_samples=4,
+    res = checkpoint_eval.results_dict(out, num_problems={"kk_9": 2, "kk_10": 1}, num_samples=4,
                           sampling={}, checkpoint="c", step=3, name="run (step 3)")
     # Every source is a K&K one: "Logic Avg" is the average, no separate "Avg" column.
-    assert ev.format_table([ev.table_row(res)]).splitlines()[0::2] == [
+    assert results_table.format_table([results_table.table_row(res)]).splitlines()[0::2] == [
         "| Checkpoint | kk_9 | kk_10 | Logic Avg |", "| run (step 3) | 50.0 | 25.0 | 37.5 |"]
 
 
@@ -114,7 +115,7 @@ def _fake_results(**kw):
     args.update(kw)
     metrics = {"eval/amc23": 0.6, "eval/aime24": 0.3, "eval/aime25": 0.25, "eval/my_set": 0.5,
                "eval/avg": (0.6 + 0.3 + 0.25 + 0.5) / 4, "eval/response_length_mean": 99.0}
-    return ev.results_dict(metrics, **args)
+    return checkpoint_eval.results_dict(metrics, **args)
 
 
 def test_results_json():
@@ -128,14 +129,14 @@ def test_results_json():
     assert res["sampling"]["temperature"] == 0.6 and res["method"] == "rlcsd"
     assert res["date"] == "2026-01-02T03:04:05+00:00"
     assert res["other_metrics"] == {"eval/response_length_mean": 99.0}
-    assert ev.results_dict({"eval/kk_9": 1.0, "eval/avg": 1.0}, num_problems={"kk_9": 2},
+    assert checkpoint_eval.results_dict({"eval/kk_9": 1.0, "eval/avg": 1.0}, num_problems={"kk_9": 2},
                            num_samples=1, sampling={}, checkpoint="c", step=None,
                            name="n")["metric"] == "pass@1"
 
 
 def test_markdown_table_and_append():
     res = _fake_results()
-    table = ev.format_table([ev.table_row(res)])
+    table = results_table.format_table([results_table.table_row(res)])
     assert table.splitlines() == [
         "| Checkpoint | amc23 | aime24 | aime25 | Math Avg | my_set | Avg |",
         "|:---|---:|---:|---:|---:|---:|---:|",
@@ -143,7 +144,7 @@ def test_markdown_table_and_append():
     # A second checkpoint with a K&K source: union of columns, "-" where a row has no value.
     b = {"name": "b|x", "scores": {"amc23": 0.5, "kk_9": 0.125}}
     text = "# Comparison\n\n" + table + "\nnotes below\n"
-    two = ev.append_row(text, b)
+    two = results_table.append_row(text, b)
     assert two.startswith("# Comparison\n\n") and two.endswith("\nnotes below\n")
     lines = [line for line in two.splitlines() if line.startswith("|")]
     assert lines == [
@@ -152,12 +153,12 @@ def test_markdown_table_and_append():
         "| a (step 150) | 60.0 | 30.0 | 25.0 | 38.3 | - | - | 50.0 | 41.2 |",
         "| b\\|x | 50.0 | - | - | 50.0 | 12.5 | 12.5 | - | 31.2 |"]
     # Re-evaluating a row name replaces that row; parse_table reads the rows back.
-    three = ev.append_row(two, {"name": "a (step 150)", "scores": {"amc23": 1.0}})
-    _, rows, _ = ev.parse_table(three)
+    three = results_table.append_row(two, {"name": "a (step 150)", "scores": {"amc23": 1.0}})
+    _, rows, _ = results_table.parse_table(three)
     assert [r["name"] for r in rows] == ["b|x", "a (step 150)"]
     assert rows[1]["cells"] == {"amc23": "100.0", "Math Avg": "100.0", "Avg": "100.0"}
     # Appending to an empty / missing file makes a one-row table.
-    assert ev.append_row("", ev.table_row(res)) == table
+    assert results_table.append_row("", results_table.table_row(res)) == table
 
 
 def test_resolve_checkpoint(tmp_path):
@@ -167,18 +168,18 @@ def test_resolve_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints" / "50" / "state").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "100" / "state").mkdir(parents=True)
     ckpts = str(tmp_path / "run" / "checkpoints")
-    assert ev.resolve_checkpoint(str(tmp_path / "hf")) == ev.Target("model", str(tmp_path / "hf"))
-    assert ev.resolve_checkpoint(str(tmp_path / "conv")).kind == "model"
-    assert ev.resolve_checkpoint(str(tmp_path / "run")) == ev.Target("train_state", ckpts)
-    assert ev.resolve_checkpoint(ckpts, 50) == ev.Target("train_state", ckpts, 50)
-    assert ev.resolve_checkpoint(ckpts + "/50") == ev.Target("train_state", ckpts, 50)
-    assert ev.Target("train_state", ckpts).workdir == str(tmp_path / "run")
+    assert checkpoint_lookup.resolve_checkpoint(str(tmp_path / "hf")) == checkpoint_lookup.Target("model", str(tmp_path / "hf"))
+    assert checkpoint_lookup.resolve_checkpoint(str(tmp_path / "conv")).kind == "model"
+    assert checkpoint_lookup.resolve_checkpoint(str(tmp_path / "run")) == checkpoint_lookup.Target("train_state", ckpts)
+    assert checkpoint_lookup.resolve_checkpoint(ckpts, 50) == checkpoint_lookup.Target("train_state", ckpts, 50)
+    assert checkpoint_lookup.resolve_checkpoint(ckpts + "/50") == checkpoint_lookup.Target("train_state", ckpts, 50)
+    assert checkpoint_lookup.Target("train_state", ckpts).workdir == str(tmp_path / "run")
     with pytest.raises(ValueError, match="model folder"):
-        ev.resolve_checkpoint(str(tmp_path / "hf"), 5)
+        checkpoint_lookup.resolve_checkpoint(str(tmp_path / "hf"), 5)
     with pytest.raises(ValueError, match="neither"):
-        ev.resolve_checkpoint(str(tmp_path))
+        checkpoint_lookup.resolve_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError):
-        ev.resolve_checkpoint(str(tmp_path / "nope"))
+        checkpoint_lookup.resolve_checkpoint(str(tmp_path / "nope"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_cli_on_training_workdir(tmp_path, cli_env):
     rows = compare.read_text().splitlines()
     assert rows[2] == "| base | 1.0 | 1.0 |" and rows[3].startswith("| work (step 1) |")
     # The saved training config (used for the hint on a method / model mismatch).
-    assert ev._saved_config(str(work / "checkpoints"), 1)["method"] == "rlcsd"
+    assert checkpoint_lookup.saved_config(str(work / "checkpoints"), 1)["method"] == "rlcsd"
     # Read-only: nothing new was written into the run's checkpoint folder.
     assert sorted(os.listdir(work / "checkpoints")) == ["1"]
 

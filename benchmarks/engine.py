@@ -1,4 +1,4 @@
-"""Rollout engine vs today's static sampler on a long-tailed length workload (issue 18).
+"""Rollout engine vs today's static sampler on a long-tailed length workload.
 
     python -m benchmarks.engine                 # CPU, ~2-3 min on 2 cores; appends to RESULTS.md
     python -m benchmarks.engine --quick         # smaller workload (smoke test)
@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     r = result
     lines = [
-        f"## {now} · engine vs static sampler (issue 18) · {jax.devices()[0].platform.upper()} "
+        f"## {now} · engine vs static sampler · {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores, {platform.machine()})", "",
         f"Long-tailed workload: {r['prompts']} prompts, cap {r['cap']} new tokens, mean "
         f"response {r['mean_len']:.1f} tokens, {r['truncated']} rows at the cap; countdown "

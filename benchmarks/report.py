@@ -15,7 +15,7 @@ from benchmarks import flops as flops_lib
 
 TITLE = "# rlcsd_jax vs HF transformers: benchmark results"
 
-# (model, measurement, shape, HF reference, target): issue 9, one H200, HF transformers 5.17 +
+# (model, measurement, shape, HF reference, target): one H200, HF transformers 5.17 +
 # torch 2.11, bf16, sdpa, random weights.
 TARGETS = (
     ("qwen3-1.7b", "decode T=1 p=.95 k=20", "64 × 512 → +512",
@@ -29,7 +29,7 @@ TARGETS = (
     ("qwen3-8b", "decode", "64 × 512 → +512", "614 tok/s", "—"),
 )
 TARGETS_MD = "\n".join(
-    ["## Targets (issue 9)", "",
+    ["## Targets", "",
      "Reference: one H200, HF transformers 5.17 + torch 2.11, bf16, sdpa, random weights.", "",
      "| model | measurement | shape | HF reference | target for rlcsd_jax |",
      "|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """`python -m benchmarks.teacher_tokens [--seeds 0,1,2] [--topology v5p-16] [--out RESULTS.md]`.
 
-Teacher-scoring work of one RLCSD training step on a simulated reference workload (issue 19):
+Teacher-scoring work of one RLCSD training step on a simulated reference workload:
 how many tokens full-row scoring computes against shared-prefix rows (`trainer.shared_scoring`),
 and with --topology the planner's roofline time of both paths for Qwen3-1.7B
 (`trainer.shared_programs` vs programs.build's full-row "score/teacher").
@@ -14,7 +14,7 @@ k_max = 4 wrong hints, self-rollout hints, teacher_max_len = micro_batch_tokens 
   * per-prompt probability of a correct rollout ~ Beta(0.8, 0.9), so some groups are all-correct
     or all-wrong (dropped by the hint rules); a rollout at the cap is wrong and has no \\boxed
     answer (it can be a target but never a wrong hint); every other rollout has a box.  (Beta
-    chosen so the counts land in issue 19's: 1,441-1,711 contexts, 355-402 prefixes per step);
+    chosen so a step has 1,441-1,711 contexts and 355-402 distinct prefixes);
   * a teacher prompt = the student prompt + TEMPLATE_TOKENS (the teacher message's fixed text,
     the chat template, the hint's answer line) + the hint rollout's response tokens.
 Hints come from the trainer's own code: `batches.build_contexts` (-> `hints.build_hints` with
@@ -444,7 +444,7 @@ def format_section(results: list[dict], args, compiled: list[str] | None) -> str
     if args.topology:
         cmd += f" --topology {args.topology}"
     lines = [f"## {datetime.datetime.now():%Y-%m-%d %H:%M} · teacher scoring: shared-prefix "
-             f"rows vs full rows (issue 19) · simulated reference workload", "",
+             f"rows vs full rows · simulated reference workload", "",
              f"- command: {cmd}",
              f"- workload per step: {PROMPTS} prompts × G={GROUP}, {MINIBATCH_PROMPTS}-prompt "
              f"mini-batches, rlcsd, k_max={K_MAX}, self-rollout hints (`batches.build_contexts` "

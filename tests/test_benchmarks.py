@@ -78,7 +78,7 @@ def test_quick_cpu_suite(tmp_path, restore_torch_threads):
     static = by_kind["decode vs HF static cache"]["hf"]
     assert _positive(static.get("tok_s")) or static["error"].startswith("n/a")
     assert report.table_is_well_formed(markdown)
-    assert markdown.startswith(report.TITLE) and "## Targets (issue 9)" in markdown
+    assert markdown.startswith(report.TITLE) and "## Targets" in markdown
     assert "(in progress)" not in markdown and "logit parity" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| tiny |")]
     assert len(table) == 5 and all("pending" not in line for line in table)

@@ -128,10 +128,10 @@ def test_alignment_per_row_with_mixed_lengths(table):
             assert np.all(got[i, len(resp[i]):] == 0.0)  # past L: filled with 0
 
 
-def test_alignment_regression_83bbd06(table):
+def test_alignment_reads_each_rows_own_window(table):
     """A micro-batch without the batch's longest response: per-row reading stays correct,
-    while the pre-83bbd06 rule (window start from the micro-batch's longest response, so token
-    j gets the value of token j + d, d = global − local longest response) does not."""
+    while a rule taking the window start from the micro-batch's longest response (token j
+    would get the value of token j + d, d = global − local longest response) does not."""
     r = np.random.default_rng(3)
     prompts = [ids(r, 6), ids(r, 4), ids(r, 8)]
     resp = [ids(r, 3), ids(r, 12), ids(r, 5)]  # row 1 holds the global longest response

@@ -1,4 +1,4 @@
-"""train.loss_aggregation=reference_micro_batch (issue 20, item 1) against the reference.
+"""train.loss_aggregation=reference_micro_batch against the reference implementation.
 
 The reference is THU-BPM/RLCSD at 7eeff3c, its vendored verl:
   * micro-batches: `verl/workers/actor/dp_actor.py` (`_prepare_update_micro_batches`,

@@ -195,6 +195,6 @@ def test_token_stats_aggregate_by_string():
 
 
 def test_module_cli_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "rlcsd_jax.analysis.style_drift", "--out=/tmp/x"],
+    proc = subprocess.run([sys.executable, "-m", "rlcsd_jax.analyze_style", "--out=/tmp/x"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "--config and --out are required" in proc.stderr

@@ -110,7 +110,7 @@ def test_run_plot_evaluate_on_a_gs_workdir(gcs, tokenizer, tmp_path):
         assert len(events) == 2 and all(p.stat().length > 0 for p in events)
 
     # plot and evaluate read the workdir back (and write to gs://).
-    _cli("rlcsd_jax.analysis.plot", ["--workdir", work, "--out", f"{GS}/figs/dynamics.png"], gcs, cwd)
+    _cli("rlcsd_jax.plot", ["--workdir", work, "--out", f"{GS}/figs/dynamics.png"], gcs, cwd)
     _cli("rlcsd_jax.evaluate", [*_run_args(work, tokenizer, STEPS)[:1],
                                 f"--config.tokenizer={tokenizer}",
                                 f"--config.data.eval={GS}/data/kk/val.parquet",

@@ -114,7 +114,7 @@ def test_plot_cli_compares_two_workdirs(tmp_path):
     _fake_run(tmp_path / "rlcsd", 1, rlcsd=True)
     out = tmp_path / "figs" / "dynamics.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlcsd_jax.analysis.plot", "--workdir", str(tmp_path / "grpo"),
+        [sys.executable, "-m", "rlcsd_jax.plot", "--workdir", str(tmp_path / "grpo"),
          "--workdir", str(tmp_path / "rlcsd"), "--out", str(out), "--labels", "GRPO,RLCSD",
          "--smooth", "0.6"],
         cwd=REPO, capture_output=True, text=True, check=False, timeout=120)

@@ -38,6 +38,22 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 _warned: set = set()
 
 
+def target_device() -> tuple[str, str]:
+    """(platform, device_kind) that programs are traced for: the context mesh's abstract device
+    when one is set (compiling ahead of time for a TPU slice on a CPU host, `planner`), else the
+    default device's.  Kernel choice (splash, cuDNN, Pallas paged attention) follows it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform, mesh.abstract_device.device_kind
+    device = jax.devices()[0]
+    return device.platform, device.device_kind
+
+
+def target_platform() -> str:
+    """`target_device()`'s platform: "tpu", "gpu" / "cuda" or "cpu"."""
+    return target_device()[0]
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 = all remaining devices."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from rlcsd_jax.distributed.sharding import BATCH_AXES
+from rlcsd_jax.distributed.sharding import BATCH_AXES, target_platform
 
 SCOPE = "ragged_paged_b{b}_h{h}_kv{kv}_d{d}_p{p}_pps{pps}_w{w}"
 # Finite "minus infinity" (a padding slot sees nothing and must not produce NaN).
@@ -50,21 +50,12 @@ def interleave(k: jax.Array, v: jax.Array) -> jax.Array:
     return both.reshape(*k.shape[:-2], 2 * k.shape[-2], k.shape[-1])
 
 
-def platform() -> str:
-    """The platform programs are traced for: the context mesh's (AOT for a TPU slice on a CPU
-    host), else the default device's."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.abstract_device is not None:
-        return mesh.abstract_device.platform
-    return jax.devices()[0].platform
-
-
 def resolve(attention: str, head_dim: int | None = None) -> str:
     """'auto' -> 'pallas' on TPU, 'gather' elsewhere (CPU and GPU) and for heads the TPU kernel
     does not tile (head_dim not a multiple of 128, e.g. the tiny test models)."""
     if attention == "auto":
         tiles = head_dim is None or head_dim % 128 == 0
-        return "pallas" if platform() == "tpu" and tiles else "gather"
+        return "pallas" if target_platform() == "tpu" and tiles else "gather"
     if attention not in ("gather", "pallas"):
         raise ValueError(f"paged attention {attention!r}; allowed: auto, gather, pallas")
     return attention
@@ -227,7 +218,7 @@ def pallas_attention(pool, layer, q, table, q_pos, window: int | None, blocks):
     [S, H, D]; blocks = (kv pages per block, queries per block, vmem limit bytes)."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-    if platform() != "tpu":
+    if target_platform() != "tpu":
         raise ValueError("paged attention 'pallas' runs on TPU only (this kernel has no "
                          "working interpret mode); use 'gather' or 'auto'")
     args, width = kernel_inputs(pool, layer, q, table, q_pos, window)

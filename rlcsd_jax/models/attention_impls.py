@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlcsd_jax.distributed.sharding import target_platform
 from rlcsd_jax.models import flash
 
 # Finite "minus infinity" for masked scores: a fully masked row (a padding query) then gives a
@@ -124,15 +125,8 @@ def cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_p
         implementation=implementation)
 
 
-def _platform() -> str:
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.abstract_device is not None:
-        return mesh.abstract_device.platform         # compiling for a TPU slice on a CPU host
-    return jax.devices()[0].platform
-
-
 def auto_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, right_padded=False):
-    platform = _platform()
+    platform = target_platform()
     if platform == "tpu":
         impl = splash_attention
     elif platform == "gpu" or platform == "cuda":
@@ -169,7 +163,7 @@ def _with_lse(name: str, window, tile_density=None, index_window: bool = True) -
     index_window: the pass's visible keys lie within `window` tokens of the query by index as
     well as by position (true inside one segment, false from a response to its prefix)."""
     if name == "auto":
-        name = "splash" if _platform() == "tpu" else "blockwise"
+        name = "splash" if target_platform() == "tpu" else "blockwise"
     if name == "splash":
         from rlcsd_jax.models import splash
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from rlcsd_jax.distributed.sharding import target_device
 from rlcsd_jax.models import flash
 
 # Preferred block sizes per TPU generation (device_kind prefix): larger tiles amortise the
@@ -33,14 +34,6 @@ _MIN_BLOCK = 128
 
 def supports(q_len: int, kv_len: int | None = None) -> bool:
     return q_len % _MIN_BLOCK == 0 and (kv_len or q_len) % _MIN_BLOCK == 0
-
-
-def _platform_and_kind():
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.abstract_device is not None:
-        return mesh.abstract_device.platform, mesh.abstract_device.device_kind
-    device = jax.devices()[0]
-    return device.platform, device.device_kind
 
 
 def _block(length: int, kind: str) -> int:
@@ -126,7 +119,7 @@ def splash_attention(q, k, v, q_seg, k_seg, *, window: int | None = None,
 
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    platform, kind = _platform_and_kind()
+    platform, kind = target_device()
     block_q, block_kv = _block(t, kind), _block(s, kind)
     interpret = platform != "tpu"
     # [B, heads, T, D]; the kernel does not scale the scores.

@@ -79,8 +79,9 @@ def decode(graphdef, params, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
     if not (lengths == new_tokens).all():
         raise RuntimeError(f"decode stopped early: lengths {sorted(set(lengths.tolist()))}")
     prefill_t, compiled = None, []
-    try:  # the sampler's private static-args record: a change there costs the breakdown only
-        static = sampling._Static(new_tokens, 1, DECODE_OPTIONS, (), 0, None)
+    try:  # the sampler's own programs: a change there costs the breakdown only
+        static = sampling.make_static(max_new_tokens=new_tokens, num_samples=1,
+                                      options=DECODE_OPTIONS, eos_ids=(), pad_id=0)
 
         def prefill():
             return jax.block_until_ready(sampling.prefill_jit(graphdef, params, ids_j, mask_j,

@@ -1,4 +1,4 @@
-"""Olmo-3-7B-Think with the reference hyper-parameters (RLCSD_SPEC §0, §4.0, §5).
+"""Olmo-3-7B-Think with the reference hyper-parameters (algorithm.md §0, §4.0, §5).
 
     python -m rlcsd_jax.train --config=configs/olmo3_7b_think.py --workdir=gs://BUCKET/olmo3_7b_think_rlcsd
     python -m rlcsd_jax.train --config=configs/olmo3_7b_think.py:logic ...       # Knights & Knaves task

@@ -1,4 +1,4 @@
-"""Qwen3-8B with the reference hyper-parameters (RLCSD_SPEC §0, §4.0, §5).
+"""Qwen3-8B with the reference hyper-parameters (algorithm.md §0, §4.0, §5).
 
     python -m rlcsd_jax.train --config=configs/qwen3_8b.py --workdir=gs://BUCKET/qwen3_8b_rlcsd
     python -m rlcsd_jax.train --config=configs/qwen3_8b.py:logic ...       # Knights & Knaves task

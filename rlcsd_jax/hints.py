@@ -1,4 +1,4 @@
-"""Host-side teacher hint construction (RLCSD_SPEC §2.2, §2.3, §12.2–12.5).
+"""Host-side teacher hint construction (algorithm.md §2.2, §2.3, §12.2–12.5).
 
 Plain Python on decoded text. Given each group's rollouts (full decoded responses, thinking
 included; rewards; the group's problem, GT answer and optional GT solution) this builds, per
@@ -116,7 +116,7 @@ def gt_solution_hint(problem: str, ground_truth: str, solution: str | None, *,
     if _missing(solution):
         raise ValueError(
             f"GT-solution teacher needs extra_info.solution, but it is missing or empty"
-            f"{' for ' + where if where else ''} (RLCSD_SPEC §2.2).")
+            f"{' for ' + where if where else ''} (§2.2).")
     return teacher_user_message(problem, solution, ground_truth)
 
 

@@ -29,7 +29,6 @@ topology.ensure_compile_only_env()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 
 
@@ -107,23 +106,14 @@ def plan(cfg, topology_name: str, mean_response_len: int | None = None):
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: 0 when every program fits, 1 when one does not, 2 on bad usage or a compile
     error of another kind."""
-    from absl import flags
+    from rlcsd_jax import cli
 
     argv = list(sys.argv if argv is None else argv)
     fv = _flags(argv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__ + "\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        fv(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    status = cli.parse_flags(fv, argv, __doc__, required=("config", "topology"))
+    if status is not None:
+        return status
     cfg = fv.config
-    if cfg is None or not fv.topology:
-        print("error: --config and --topology are required (see --help)", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from rlcsd_jax.planner import report
 
     mean_len = fv.mean_response_len or max(cfg.rollout.max_new_tokens // 2, 1)

@@ -18,7 +18,7 @@ holds bucket + max_new_tokens slots, so a run compiles one prefill and one decod
 (batch, bucket).  Cache buffers are donated to the decode loop.
 
 Log-probs: the log-probability of each sampled token under softmax(logits / T) over the FULL
-vocabulary, in fp32 (the "old" log-prob of RLCSD_SPEC §1.3, not the top-k/top-p renormalised
+vocabulary, in fp32 (the "old" log-prob of algorithm.md §1.3, not the top-k/top-p renormalised
 one).  With temperature 0 (greedy) it is the log-softmax of the raw logits.
 """
 
@@ -31,7 +31,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from rlcsd_jax.data.packing import bucket_length  # noqa: F401 (callers use sampling's)
 from rlcsd_jax.inference import programs as engine_programs
@@ -73,7 +73,10 @@ def _cache_sharding(mesh, shape):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class SamplerSettings:
+    """The compile-time settings of one static-sampler call (hashable: `prefill_jit` and
+    `decode_jit` take it as their static argument, so each distinct value is its own program)."""
+
     max_new_tokens: int
     num_samples: int
     opts: SamplingOptions
@@ -83,13 +86,43 @@ class _Static:
 
 
 def make_static(*, max_new_tokens: int, num_samples: int, options: SamplingOptions,
-                eos_ids: Sequence[int], pad_id: int, mesh=None) -> _Static:
+                eos_ids: Sequence[int], pad_id: int, mesh=None) -> SamplerSettings:
     """The static (compile-time) arguments of `prefill_jit` / `decode_jit` for one call."""
-    return _Static(int(max_new_tokens), int(num_samples), options,
-                   tuple(int(e) for e in eos_ids), int(pad_id), mesh)
+    return SamplerSettings(int(max_new_tokens), int(num_samples), options,
+                           tuple(int(e) for e in eos_ids), int(pad_id), mesh)
 
 
-def _prefill(graphdef, params, input_ids, attention_mask, key, static: _Static):
+@struct.dataclass
+class DecodeState:
+    """The static sampler's decode state: what `prefill_jit` returns and `decode_jit` carries
+    through its `lax.while_loop`.
+
+    R = B * num_samples rows (prompt-major), N = max_new_tokens, C = P + N cache slots for
+    prompts [B, P].
+    """
+
+    # The rows' KV cache: k / v [layers, R, C, kv_heads, head_dim] in the compute dtype,
+    # positions [R, C] int32, valid [R, C] bool, index () int32 (the next write slot).
+    cache: KVCache
+    # The tokens drawn so far, [R, N] int32; pad_id in the columns not drawn yet and after EOS.
+    tokens: jax.Array
+    # Their log-probs under softmax(logits / T) over the full vocabulary, [R, N] float32;
+    # 0 where `tokens` holds pad_id.
+    logprobs: jax.Array
+    # The last token drawn per row (the next step's input), [R] int32.
+    last: jax.Array
+    # The position of `last` (real tokens before it), [R] int32.
+    next_pos: jax.Array
+    # Whether the row has drawn an EOS, [R] bool.
+    done: jax.Array
+    # Tokens drawn per row so far = the column the next one goes to, () int32.
+    step: jax.Array
+    # The call's random key, () typed key; column j is drawn with fold_in(key, j).
+    key: jax.Array
+
+
+def _prefill(graphdef, params, input_ids, attention_mask, key,
+             static: SamplerSettings) -> DecodeState:
     """Prompts [B, P] (left padded) -> decode state for B * n rows with the first token drawn."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
@@ -111,46 +144,45 @@ def _prefill(graphdef, params, input_ids, attention_mask, key, static: _Static):
     tokens, logprobs = select_tokens(last_logits, jax.random.fold_in(key, 0), static.opts)
     out_tokens = jnp.full((b * n, static.max_new_tokens), static.pad_id, jnp.int32)
     out_logprobs = jnp.zeros((b * n, static.max_new_tokens), jnp.float32)
-    state = dict(cache=cache, tokens=out_tokens.at[:, 0].set(tokens),
-                 logprobs=out_logprobs.at[:, 0].set(logprobs), last=tokens, next_pos=next_pos,
-                 done=jnp.isin(tokens, jnp.asarray(static.eos_ids, jnp.int32)),
-                 step=jnp.ones((), jnp.int32), key=key)
-    return state
+    return DecodeState(cache=cache, tokens=out_tokens.at[:, 0].set(tokens),
+                       logprobs=out_logprobs.at[:, 0].set(logprobs), last=tokens,
+                       next_pos=next_pos,
+                       done=jnp.isin(tokens, jnp.asarray(static.eos_ids, jnp.int32)),
+                       step=jnp.ones((), jnp.int32), key=key)
 
 
-def _decode(graphdef, params, state, static: _Static):
+def _decode(graphdef, params, state: DecodeState, static: SamplerSettings):
     """While-loop decode: one token per step for the whole batch until all rows hit EOS."""
     model = nnx.merge(graphdef, params)
     eos = jnp.asarray(static.eos_ids, jnp.int32)
 
-    def cond(s):
-        return (s["step"] < static.max_new_tokens) & ~jnp.all(s["done"])
+    def cond(s: DecodeState):
+        return (s.step < static.max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s):
-        rows = s["last"].shape[0]
-        h, cache = model.hidden_states(s["last"][:, None], jnp.ones((rows, 1), jnp.int32),
-                                       s["next_pos"][:, None], cache=s["cache"])
-        tok, lp = select_tokens(model.logits(h[:, -1]), jax.random.fold_in(s["key"], s["step"]),
+    def body(s: DecodeState) -> DecodeState:
+        rows = s.last.shape[0]
+        h, cache = model.hidden_states(s.last[:, None], jnp.ones((rows, 1), jnp.int32),
+                                       s.next_pos[:, None], cache=s.cache)
+        tok, lp = select_tokens(model.logits(h[:, -1]), jax.random.fold_in(s.key, s.step),
                                 static.opts)
-        tok = jnp.where(s["done"], static.pad_id, tok)
-        lp = jnp.where(s["done"], 0.0, lp)
-        col = s["step"]
-        return dict(
+        tok = jnp.where(s.done, static.pad_id, tok)
+        lp = jnp.where(s.done, 0.0, lp)
+        return s.replace(
             cache=cache,
-            tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], tok[:, None], col, 1),
-            logprobs=jax.lax.dynamic_update_slice_in_dim(s["logprobs"], lp[:, None], col, 1),
-            last=tok, next_pos=s["next_pos"] + 1, done=s["done"] | jnp.isin(tok, eos),
-            step=s["step"] + 1, key=s["key"])
+            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.step, 1),
+            logprobs=jax.lax.dynamic_update_slice_in_dim(s.logprobs, lp[:, None], s.step, 1),
+            last=tok, next_pos=s.next_pos + 1, done=s.done | jnp.isin(tok, eos),
+            step=s.step + 1)
 
     state = jax.lax.while_loop(cond, body, state)
-    tokens = state["tokens"]
+    tokens = state.tokens
     is_eos = jnp.isin(tokens, eos)
     steps = jnp.arange(tokens.shape[1])
     first_eos = jnp.min(jnp.where(is_eos, steps, tokens.shape[1]), axis=-1)
     lengths = jnp.minimum(first_eos + 1, tokens.shape[1])
     # The final loop state is returned (and dropped by the caller) so the donated input
     # buffers, the KV cache above all, alias it: XLA reuses them instead of copying.
-    return dict(tokens=tokens, logprobs=state["logprobs"], lengths=lengths,
+    return dict(tokens=tokens, logprobs=state.logprobs, lengths=lengths,
                 truncated=first_eos >= tokens.shape[1], final_state=state)
 
 

@@ -1,6 +1,6 @@
 """Per-token log-probs (and top-k, entropy) of response tokens under one or several contexts.
 
-Alignment rule (RLCSD_SPEC §2.5): in a row whose response starts at index `start` (the prompt's
+Alignment rule (algorithm.md §2.5): in a row whose response starts at index `start` (the prompt's
 real length for right-padded rows, the padded prompt width for left-padded sampler rows), the
 log-prob of response token j is read from the logits at index `start - 1 + j` of that same row,
 at id `input_ids[start + j]`.  Nothing depends on the padded width or on other rows.

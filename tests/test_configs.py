@@ -83,7 +83,7 @@ REFERENCE_BUDGETS = {
 
 @pytest.mark.parametrize("task,model,method", sorted(REFERENCE_BUDGETS))
 def test_teacher_budget_per_task_model_and_method(task, model, method):
-    """RLCSD_SPEC §2.4: the teacher token budget is the reference config's, for the method
+    """algorithm.md §2.4: the teacher token budget is the reference config's, for the method
     given on the command line after the config file is read."""
     cfg = load(model, task)
     assert cfg.train.teacher_max_len == -1       # resolved once the method is known

@@ -1,4 +1,4 @@
-"""Hint construction rules of RLCSD_SPEC §2.2 / §2.3 on hand-built groups."""
+"""Hint construction rules of algorithm.md §2.2 / §2.3 on hand-built groups."""
 
 import collections
 

@@ -1,4 +1,4 @@
-"""Knights & Knaves: generator (unique solutions, determinism), grader and parser (§6.4)."""
+"""Knights & Knaves: generator (unique solutions, determinism), grader and parser (algorithm.md §6.4)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Loss registry vs independent NumPy float64 implementations of RLCSD_SPEC §4.1–4.8.
+"""Loss registry vs independent NumPy float64 implementations of algorithm.md §4.1–4.8.
 
 The NumPy side below is written from the spec's formulas (loops where that reads closer to the
 spec), not from the JAX code. The JAX side runs under ``jax.enable_x64`` so both sides are
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rlcsd_jax import losses
+from helpers import references
 
 RTOL, ATOL = 1e-5, 1e-8
 
@@ -565,7 +566,7 @@ def test_grpo_advantages_spec_example_and_singletons():
     np.testing.assert_allclose(adv[8:10], np.array([0.5, -0.5]) / (np.sqrt(0.5) + 1e-6),
                                rtol=1e-6)
     np.testing.assert_allclose(adv[10], 3.0 / (1.0 + 1e-6), rtol=1e-6)  # singleton: mean 0, std 1
-    np.testing.assert_allclose(losses.grpo_advantages_np(r, g), adv, rtol=1e-6)
+    np.testing.assert_allclose(references.grpo_advantages(r, g), adv, rtol=1e-6)
     same = losses.grpo_advantages(np.ones(4), np.zeros(4, int))
     assert np.all(np.asarray(same) == 0.0)  # all-same group → 0/(0 + 1e-6)
     uids = np.array(["a"] * 8 + ["b", "b", "c"], dtype=object)

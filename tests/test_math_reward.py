@@ -1,4 +1,4 @@
-"""Math verifier (RLCSD_SPEC §6.1–6.3): a table of answers and a hostile-input budget test.
+"""Math verifier (algorithm.md §6.1–6.3): a table of answers and a hostile-input budget test.
 
 Expected values follow the spec: last box wins (thinking included), the simple-number fast path
 (spaces and commas removed, unicode minus, degree markers) compares Decimals, everything else goes

@@ -2,7 +2,7 @@
 
 Tiny configs with an 8-layer 3:1 sliding/full pattern, window 16 and YaRN with original length
 32, so sequences below / at / far beyond the window and the YaRN original length are all covered
-(MODEL_SPEC §5.6: with T <= W sliding bugs are invisible).
+(models.md §5.6: with T <= W sliding bugs are invisible).
 """
 
 import numpy as np

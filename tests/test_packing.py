@@ -1,4 +1,4 @@
-"""Teacher batch packing and the per-row alignment rule (RLCSD_SPEC §2.4, §2.5, §9)."""
+"""Teacher batch packing and the per-row alignment rule (algorithm.md §2.4, §2.5, §9)."""
 
 import numpy as np
 import pytest

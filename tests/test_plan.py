@@ -34,7 +34,7 @@ def _describe(tree):
     def one(x):
         if hasattr(x, "shape"):
             return x.shape, str(x.dtype)
-        if isinstance(x, sampling._Static):
+        if isinstance(x, sampling.SamplerSettings):
             return dataclasses.replace(x, mesh=dict(x.mesh.shape))
         return x
     return jax.tree.map(one, tree)

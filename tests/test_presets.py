@@ -4,7 +4,7 @@ import pytest
 
 from rlcsd_jax import models
 
-# MODEL_SPEC header: computed from the shape table, matching published totals.
+# docs/models.md §2: computed from the shape table, matching published totals.
 PUBLISHED = {
     "qwen3-0.6b": 596_049_920,
     "qwen3-1.7b": 1_720_574_976,
@@ -18,7 +18,7 @@ def test_param_counts(name):
 
 
 def test_other_presets_in_published_range():
-    # Qwen3-4B 4.02B, Qwen3-8B 8.19B, Olmo-3-32B 32.23B (model cards / MODEL_SPEC).
+    # Qwen3-4B 4.02B, Qwen3-8B 8.19B, Olmo-3-32B 32.23B (model cards).
     assert round(models.num_params(models.get_preset("qwen3-4b")) / 1e9, 2) == 4.02
     assert round(models.num_params(models.get_preset("qwen3-8b")) / 1e9, 2) == 8.19
     assert round(models.num_params(models.get_preset("olmo3-32b-think")) / 1e9, 2) == 32.23

@@ -1,4 +1,4 @@
-"""Prompts (RLCSD_SPEC §1.2, §2.1), chat rendering (MODEL_SPEC §4.1), tiny tokenizer, stop ids."""
+"""Prompts (algorithm.md §1.2, §2.1), chat rendering (models.md §4.1), tiny tokenizer, stop ids."""
 
 import json
 import os
@@ -232,7 +232,7 @@ MATH = "Let $x^2 = 16$ with $x > 0$. Find $x$."
                                           ("deepmath_filtered_level6_8", True),
                                           ("aime24", False)])
 def test_student_message_from_the_cleaned_problem(problem, form, source, train):
-    """RLCSD_SPEC §1.2: the problem text may already carry the instruction (the reference's K&K
+    """algorithm.md §1.2: the problem text may already carry the instruction (the reference's K&K
     puzzles do) or a whole stored prompt; the student message states it exactly once."""
     stored = {"plain": problem, "instruction": f"{problem}\n\n{BOXED}",
               "problem_prefix": f"Problem: {problem}\n\n{BOXED}",

@@ -82,7 +82,7 @@ def test_unscanned_and_remat_give_same_logits(qwen3_pair):
 
 
 def test_tied_checkpoint_with_stray_lm_head_is_accepted(tmp_path):
-    """Hub Qwen3 0.6B/1.7B ship lm_head.weight although tied (MODEL_SPEC §5.3): ignore it."""
+    """Hub Qwen3 0.6B/1.7B ship lm_head.weight although tied (models.md §5.3): ignore it."""
     import safetensors.numpy as stn
 
     save_hf_model(qwen3_config(tied=True), tmp_path)

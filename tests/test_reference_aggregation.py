@@ -284,7 +284,7 @@ def contexts_for(method, lengths):
 
 def reference_groups(method, lengths, budget=BUDGET, rank_rows=RANK_ROWS):
     masks = None
-    if method in microbatch.TEACHER_AWARE_METHODS:
+    if losses.METHODS[method].reference_teacher_aware:
         ctx = contexts_for(method, lengths)
         masks = ref_teacher_mask_sums(method, ctx.correct_prompts, ctx.wrong_prompts,
                                       [int(n) for n in lengths["response"]], budget)
@@ -551,7 +551,7 @@ def test_method_defaults_and_budgets():
         cfg.train.loss_aggregation = "reference_micro_batch"
         split = setup.split_minibatches(cfg)
         assert split.budget == cfg.train.teacher_max_len and split.rank_rows == 16
-        assert split.teacher_aware == (method in microbatch.TEACHER_AWARE_METHODS)
+        assert split.teacher_aware == losses.METHODS[method].reference_teacher_aware
         cfg.train.loss_aggregation = "per_rollout"
         assert setup.split_minibatches(cfg) is True
     cfg = train_config.reference_config(task="math", preset="qwen3-4b", checkpoint="",

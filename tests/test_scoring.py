@@ -41,7 +41,7 @@ def make_rows(seed, spec):
 
 
 def test_alignment_per_row_regression(model):
-    """RLCSD_SPEC §9 (83bbd06): different prompt and response lengths in one batch; the longest
+    """algorithm.md §9 (83bbd06): different prompt and response lengths in one batch; the longest
     response is NOT in the row with the longest prompt; each row must equal its own forward."""
     rows = make_rows(0, [(30, 4), (5, 25), (12, 11), (2, 1)])
     ids, mask, start, lens = right_padded(rows, 64)

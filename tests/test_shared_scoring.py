@@ -60,15 +60,15 @@ def test_teacher_outputs_equal_full_rows(tmp_path, monkeypatch, method):
             assert {1, 2, 4} <= counts, counts
         k_slots = batches.num_wrong_slots(method, cfg.teacher.k_max)
         s_len, _ = batches.student_lengths(ro, rows)
-        sb = tr.put(batches.student_batch(ro, rows, len(rows), 256, n, tr.pad_id))
+        sb = tr.to_global(batches.student_batch(ro, rows, len(rows), 256, n, tr.pad_id))
         ids = (update.student_topk_ids(tr.graphdef, tr.state.params, sb, spec=tr.spec)
                if method in ("sdpo", "srpo") else None)
         tb = batches.teacher_arrays(ro, ctx, positions, rows, len(rows), k_slots=k_slots,
                                     max_len=200, pad_id=tr.pad_id, width=256)
         assert tb.pop("truncated_prompt_tokens").sum() > 0          # truncation exercised
-        valid = tr.put(tb.pop("wrong_valid"))
+        valid = tr.to_global(tb.pop("wrong_valid"))
         full = update.teacher_outputs(tr.graphdef, tr.state.params, dict(
-            tr.put(tb, leading_axis=1), wrong_valid=valid), ids, tr.spec, length=n)
+            tr.to_global(tb, leading_axis=1), wrong_valid=valid), ids, tr.spec, length=n)
         shared, counters, _ = shared_passes.teacher_pass(
             tr, ro, ctx, rows, positions, tr.state.params, width=n,
             student_ids=None if ids is None else np.asarray(ids))

@@ -1,4 +1,4 @@
-"""End-to-end plumbing of the real training loop on the tiny model (RLCSD_SPEC §1.7, §2.3, §3, §5).
+"""End-to-end plumbing of the real training loop on the tiny model (algorithm.md §1.7, §2.3, §3, §5).
 
 Answers follow fake_rollouts.PATTERN (see there for which groups / targets survive).
 """
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlcsd_jax import losses
-from helpers import fake_rollouts
+from helpers import fake_rollouts, references
 from rlcsd_jax.trainer import rl_trainer
 
 
@@ -164,7 +164,7 @@ def test_memory_is_checked_before_sampling(tmp_path):
 def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, fake_texts,
                                                          method):
     """One real training step raises the log-probability of the kept rollouts with A > 0 and
-    lowers it for those with A < 0 (RLCSD_SPEC: e_t modulates the advantage, never flips its
+    lowers it for those with A < 0 (algorithm.md §4.8: e_t modulates the advantage, never flips its
     sign).  This is what a row/advantage misalignment anywhere between sampling, dropping,
     mini-batching and the loss would break, while every loss unit test still passes."""
     import jax
@@ -186,7 +186,7 @@ def test_update_moves_policy_toward_positive_advantages(tmp_path, monkeypatch, f
 
     def sequence_logp(params, ro):
         rows = np.arange(len(ro.texts))
-        sb = tr.put(batches.student_batch(ro, rows, len(rows), 1024, ro.tokens.shape[1],
+        sb = tr.to_global(batches.student_batch(ro, rows, len(rows), 1024, ro.tokens.shape[1],
                                           tr.pad_id))
         logp = update.old_logprobs(tr.graphdef, params, None, sb, spec=tr.spec,
                                    with_ref=False)["old_logp"]
@@ -241,4 +241,4 @@ def test_permute_rewards_control_removes_the_rewards_information(tmp_path, monke
     assert sorted(used) == sorted(graded) and not np.array_equal(used, graded)
     assert m["train/reward_mean"] == graded.mean()
     np.testing.assert_allclose(seen["ro"].advantages,
-                               losses.grpo_advantages_np(used, seen["ro"].group), rtol=1e-6)
+                               references.grpo_advantages(used, seen["ro"].group), rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Training log-probs at the rollout temperature (RLCSD_SPEC §1.3): the old, current, reference
+"""Training log-probs at the rollout temperature (algorithm.md §1.3): the old, current, reference
 and teacher log-probs are log-softmax(logits / T), the distribution the sampler drew from (before
 top-p / top-k), so the importance ratios and the teacher signals compare like with like.  At
 T = 1 nothing changes; these tests use T = 0.7."""

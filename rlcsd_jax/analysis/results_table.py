@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-# Paper table groups (RLCSD_SPEC §5): column order, then the group's unweighted mean.
+# Paper table groups (algorithm.md §5): column order, then the group's unweighted mean.
 GROUPS: dict[str, tuple[str, ...]] = {
     "Math Avg": ("amc23", "aime24", "aime25"),
     "Logic Avg": ("kk_4to8_test", "kk_9", "kk_10", "kk_11"),

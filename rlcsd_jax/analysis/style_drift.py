@@ -10,7 +10,7 @@ trainer's own code (`batches.build_contexts` / `teacher_arrays`, `update.teacher
 `update.old_logprobs`), and `losses.signal_diagnostics` gives two per-token signals:
 
     e_c   = lp_T(y | correct hint) − lp_S(y)              (the OPD / RLSD-style signal)
-    e_ctr = lp_T(y | correct) − log mean_k p_T(y | wrong_k)   (the RLCSD contrast, §4.8)
+    e_ctr = lp_T(y | correct) − log mean_k p_T(y | wrong_k)   (the RLCSD contrast, algorithm.md §4.8)
 
 Style tokens (formatting, connectives) move e_c a lot because any hint changes the teacher's
 style, but they cancel in e_ctr, where the correct and wrong hints share the template.  Per
@@ -101,8 +101,8 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
     notes, stats, ctx, source = [], {}, None, "none"
     for src in order:
         try:
-            ctx = batches.build_contexts("rlcsd", ro, trainer.encoder, group_rngs(),
-                                         hint_source=src, k_max=k_max)
+            ctx = batches.build_contexts(signal_method(True), ro, trainer.encoder,
+                                         group_rngs(), hint_source=src, k_max=k_max)
         except ValueError as e:         # gt_cot without a dataset solution
             notes.append(f"{src} hints unavailable: {e}")
             ctx = None
@@ -116,8 +116,8 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
     has_ctr = ctx is not None
     if ctx is None and hint_source == "auto":
         try:   # the GT-solution teacher keeps every rollout: e_c is still defined
-            ctx = batches.build_contexts("rlsd", ro, trainer.encoder, group_rngs(),
-                                         hint_source="gt_cot", k_max=k_max)
+            ctx = batches.build_contexts(signal_method(False), ro, trainer.encoder,
+                                         group_rngs(), hint_source="gt_cot", k_max=k_max)
             source = SOURCE_CORRECT_ONLY
         except ValueError as e:
             notes.append(f"GT-solution hints unavailable: {e}")
@@ -154,6 +154,18 @@ def _why_dropped(ro, ctx) -> str:
             f"answer; kept {len(ctx.kept)}")
 
 
+def signal_method(with_ctr: bool) -> str:
+    """The method whose contexts and teacher log-probs give the signals (from the method
+    table): with e_ctr, self-rollout contexts with up to k_max wrong hints (rlcsd); e_c alone,
+    the GT-solution context (rlsd)."""
+    from rlcsd_jax import losses
+
+    if with_ctr:
+        return losses.find(teacher_context="self_rollout", wrong_hints="k_max",
+                           teacher_scoring="logp")
+    return losses.find(teacher_context="gt_solution", teacher_scoring="logp")
+
+
 def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
     """e_c, e_ctr [R', N] for the kept rows, in mini-batches of the trainer's nominal size."""
     import jax
@@ -162,11 +174,11 @@ def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
     from rlcsd_jax.data.packing import bucket_length
     from rlcsd_jax.trainer import batches, update
 
-    method = "rlcsd" if with_ctr else "rlsd"
+    method = signal_method(with_ctr)
     n = ro.tokens.shape[1]
     spec = dataclasses.replace(trainer.spec, method=method, response_len=n)
     m = trainer.minibatch_rows
-    put = trainer.put
+    put = trainer.to_global
     state = trainer.state
     tparams = getattr(state, "teacher", None)
     tparams = state.params if tparams is None else tparams
@@ -339,22 +351,13 @@ def _flags(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 on success, 1 when no rollout could be analysed, 2 on bad usage."""
-    from absl import flags
+    from rlcsd_jax import cli
 
     argv = list(sys.argv if argv is None else argv)
     fv = _flags(argv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__ + "\nflags:\n" + fv.get_help())
-        return 0
-    try:
-        fv(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if fv.config is None or not fv.out:
-        print("error: --config and --out are required (see --help)", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    status = cli.parse_flags(fv, argv, __doc__, required=("config", "out"))
+    if status is not None:
+        return status
     res = analyze(fv.config, fv.out, workdir=fv.workdir or None, checkpoint=fv.checkpoint,
                   warm_start_steps=fv.warm_start_steps, num_prompts=fv.num_prompts,
                   group_size=fv.group_size, max_new_tokens=fv.max_new_tokens,

@@ -1,17 +1,17 @@
-"""Chat-template facts the prompt code relies on (MODEL_SPEC §4).
+"""Chat-template facts the prompt code relies on (models.md §4).
 
 Prompts are always rendered with the checkpoint's OWN ``chat_template`` (``render_chat``); the
 constants here document what those templates produce, serve as the template of the tiny test
 tokenizer, and give tests a Qwen3-style template to render with.
 
-Qwen3 (MODEL_SPEC §4.1): ``<|im_start|>user\\n{content}<|im_end|>\\n``; the generation prompt is
+Qwen3 (§4.1): ``<|im_start|>user\\n{content}<|im_end|>\\n``; the generation prompt is
 ``<|im_start|>assistant\\n`` with thinking on (the model writes ``<think>…</think>`` itself) and
 ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`` with ``enable_thinking=False``.  Stop on
 ``<|im_end|>`` (151645) and ``<|endoftext|>`` (151643); ``</think>`` is 151668.  ``<think>`` and
 ``</think>`` are added but NOT special tokens, so they survive ``skip_special_tokens=True`` and the
 reward's ``formatted`` metric can see them.
 
-Olmo-3-Think (MODEL_SPEC §4.2): ChatML-like; when the conversation has no system message the
+Olmo-3-Think (§4.2): ChatML-like; when the conversation has no system message the
 template inserts a default one (``OLMO3_THINK_DEFAULT_SYSTEM``); the generation prompt already opens
 the thinking block, ``<|im_start|>assistant\\n<think>`` (no newline), and ignores
 ``enable_thinking``.  ``<think>`` is plain text, not a token.  Stop on ``<|im_end|>`` (100265) and

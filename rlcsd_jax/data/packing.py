@@ -18,7 +18,7 @@ so a row's positions are simply ``0..S-1`` from its first real token, and the lo
 response token j (0-based) is the log-softmax of the logits at position ``Lp − 1 + j`` of THAT
 row, read at id ``input_ids[Lp + j]`` (the previous token's position; the last prompt token for
 j = 0). Both Lp and L are per row, so nothing depends on the padded width or on the longest
-response in the batch (a bug the reference once had, §9). The student batch uses the same rule with its
+response in the batch (a bug the reference once had, algorithm.md §9). The student batch uses the same rule with its
 own prompt.
 
 Teacher batches stack ``C = 1 + k_max`` contexts per target: slot 0 = correct hint, slots
@@ -77,7 +77,7 @@ def truncate_prompt_left(prompt: TokenIds, response_len: int,
     if room < 1:
         raise ValueError(
             f"response of {response_len} tokens leaves no room for a prompt token within the "
-            f"token budget {max_len}; the response is never truncated (RLCSD_SPEC §2.4).")
+            f"token budget {max_len}; the response is never truncated (§2.4).")
     return prompt[-room:], len(prompt) - room
 
 

@@ -3,7 +3,7 @@
     python -m rlcsd_jax.data.prepare --out data/verl                 # the reference's release
     python -m rlcsd_jax.data.prepare --out gs://BUCKET/data/verl --source upstream
 
-Why: the configs point at `data/verl/<name>/{train,val}.parquet` (RLCSD_SPEC §7 in the design
+Why: the configs point at `data/verl/<name>/{train,val}.parquet` (algorithm.md §7 in the design
 notes; docs/tpu.md, "Data"), and the reference's download script is not part of this repository.
 Two ways to get the files, both from public Hugging Face dataset repositories (so run this where
 the internet is; `--hub_root DIR` reads a local mirror laid out as `DIR/<owner>/<repo>/...`):

@@ -1,4 +1,4 @@
-"""Student and teacher prompts (RLCSD_SPEC §1.2, §2.1), chat rendering, and stop tokens.
+"""Student and teacher prompts (algorithm.md §1.2, §2.1), chat rendering, and stop tokens.
 
 Student message (one user turn, no system prompt), with ``problem`` cleaned of legacy wrappers
 (``strip_legacy_wrappers``, the reference's rule):

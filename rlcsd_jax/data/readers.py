@@ -1,6 +1,6 @@
 """Readers that turn stored datasets into ``Record`` lists.
 
-* ``read_verl_parquet`` — verl rows (RLCSD_SPEC §7): ``data_source``, ``prompt`` (chat list),
+* ``read_verl_parquet`` — verl rows (algorithm.md §7): ``data_source``, ``prompt`` (chat list),
   ``reward_model.ground_truth``, ``extra_info.problem / solution / index``.
 * ``read_jsonl`` — one JSON object per line, with a field mapping (record field → dotted key).
 * ``kk_records`` — Knights & Knaves generated on the fly from a data-source name (``kk_4to8``,

@@ -10,7 +10,7 @@ class Record:
     """One problem.
 
     Attributes:
-      problem: the raw problem text, without any prompt wrapper (RLCSD_SPEC §1.2).
+      problem: the raw problem text, without any prompt wrapper (algorithm.md §1.2).
       ground_truth: the reference final answer (``reward_model.ground_truth``).
       data_source: drives the prompt wrapper and the grader (e.g. ``deepmath_filtered_level5_7``,
         ``aime24``, ``kk_4to8``, ``kk_9``).

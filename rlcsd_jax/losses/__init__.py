@@ -1,4 +1,4 @@
-"""Pure JAX loss functions for RLCSD and its baselines (RLCSD_SPEC §4).
+"""Pure JAX loss functions for RLCSD and its baselines (algorithm.md §4).
 
 Usage::
 
@@ -15,7 +15,7 @@ values, ``losses.DEFAULTS[name]``), optional ``ref_logp``/``kl_coef`` (k3 KL, §
 ``(scalar_loss, metrics_dict)``. No config objects inside; all functions are jittable.
 """
 
-from rlcsd_jax.losses.advantages import grpo_advantages, grpo_advantages_np, lam_schedule
+from rlcsd_jax.losses.advantages import grpo_advantages, lam_schedule
 from rlcsd_jax.losses.common import k3_kl, masked_mean, rollout_is_weights, with_tail
 from rlcsd_jax.losses.distill import opsd, opsd_ectr, sdpo, srpo, srpo_entropy_weights
 from rlcsd_jax.losses.policy_gradient import (
@@ -27,11 +27,11 @@ from rlcsd_jax.losses.policy_gradient import (
     rlsd_ectr,
     signal_diagnostics,
 )
+from rlcsd_jax.losses.methods import DEFAULT_METHOD, MethodSpec, find
 from rlcsd_jax.losses.registry import (
     DEFAULTS,
     INPUTS,
     METHODS,
-    MethodSettings,
     get,
     micro_batch,
     names,
@@ -42,10 +42,12 @@ from rlcsd_jax.losses.registry import (
 kl_k3 = k3_kl
 
 __all__ = [
-    "DEFAULTS", "INPUTS", "METHODS", "MethodSettings", "get", "names", "per_rollout",
+    "DEFAULTS", "INPUTS", "METHODS", "MethodSpec", "DEFAULT_METHOD", "find", "get", "names",
+    "per_rollout",
     "micro_batch",
-    "grpo_advantages", "grpo_advantages_np", "lam_schedule", "kl_k3", "k3_kl", "masked_mean",
+    "grpo_advantages", "lam_schedule", "kl_k3", "k3_kl", "masked_mean",
     "rollout_is_weights", "with_tail", "signal_diagnostics", "rlcsd_contrast",
     "rlcsd_modulation", "srpo_entropy_weights",
-    "grpo", "opsd", "sdpo", "srpo", "rlsd", "rlcsd", "opsd_ectr", "rlsd_ectr",
+    # the loss functions, each named after its method
+    *(fn.__name__ for fn in (grpo, opsd, sdpo, srpo, rlsd, rlcsd, opsd_ectr, rlsd_ectr)),
 ]

@@ -1,4 +1,4 @@
-"""GRPO outcome advantages (RLCSD_SPEC §1.5) and the nominal RLSD λ schedule (§4.5, §10.2).
+"""GRPO outcome advantages (algorithm.md §1.5) and the nominal RLSD λ schedule (§4.5, §10.2).
 
 ``A_i = (r_i − mean_g) / (std_g + 1e-6)`` with the Bessel-corrected (/(n−1)) std of the group;
 a group of size 1 uses mean 0 and std 1 (so ``A = r / (1 + 1e-6)``); all-same groups give 0.
@@ -21,13 +21,13 @@ def grpo_advantages(rewards, group_ids, num_groups: int | None = None):
 
     ``group_ids`` are integers identifying the prompt (any values: they are relabelled with
     ``jnp.unique(size=N)`` so the shape stays static). When ``num_groups`` is given the ids must
-    already lie in ``[0, num_groups)`` and the relabelling is skipped. Non-integer ids (e.g. uid
-    strings) go through :func:`grpo_advantages_np` on the host.
+    already lie in ``[0, num_groups)`` and the relabelling is skipped. Non-integer host ids (e.g.
+    uid strings) are first relabelled to integers on the host with ``np.unique``.
     """
     if not isinstance(group_ids, jax.Array):
         ids_np = np.asarray(group_ids)
         if ids_np.dtype.kind not in "iub":
-            return jnp.asarray(grpo_advantages_np(np.asarray(rewards), ids_np))
+            group_ids = np.unique(ids_np, return_inverse=True)[1].reshape(-1)
     rewards = jnp.asarray(rewards)
     if not jnp.issubdtype(rewards.dtype, jnp.floating):
         rewards = rewards.astype(jnp.float32)
@@ -52,28 +52,6 @@ def _grpo_advantages_jit(rewards, group_ids, num_groups):
     mean_i = jnp.where(single, 0.0, mean[seg])
     std_i = jnp.where(single, 1.0, std[seg])
     return (rewards - mean_i) / (std_i + GRPO_STD_EPS)
-
-
-def grpo_advantages_np(rewards, group_ids) -> np.ndarray:
-    """Host (NumPy, float64) GRPO advantages; ``group_ids`` may be any hashable labels."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    labels = np.asarray(group_ids)
-    if labels.shape != rewards.shape or rewards.ndim != 1:
-        raise ValueError(
-            f"grpo_advantages_np: rewards {rewards.shape} and group_ids {labels.shape} must be "
-            "1-D and the same length.")
-    _, seg = np.unique(labels, return_inverse=True)
-    seg = seg.reshape(-1)
-    out = np.empty_like(rewards)
-    for g in np.unique(seg):
-        idx = np.nonzero(seg == g)[0]
-        r = rewards[idx]
-        if len(idx) == 1:
-            mean, std = 0.0, 1.0
-        else:
-            mean, std = r.mean(), r.std(ddof=1)
-        out[idx] = (r - mean) / (std + GRPO_STD_EPS)
-    return out
 
 
 def lam_schedule(lam: float, step, decay_steps: int):

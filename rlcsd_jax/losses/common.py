@@ -1,4 +1,4 @@
-"""Pieces shared by the loss functions (RLCSD_SPEC §4.0, §4.10, §8).
+"""Pieces shared by the loss functions (algorithm.md §4.0, §4.10, §8).
 
 Shapes: B = rollouts, T = response tokens, k = top-k ids per position (k + 1 with the tail
 bucket). ``mask[B, T]`` is 1 on real response tokens and 0 on padding. Every reduction goes
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-sg = jax.lax.stop_gradient
+from jax.lax import stop_gradient
 
 # Log-ratio clamp used by grpo, the srpo GRPO branch and the sdpo/srpo IS weight (§8).
 LOG_RATIO_CLAMP = 20.0
@@ -33,7 +32,7 @@ def masked_mean(x, mask):
     return masked_sum(x, mask) / jnp.maximum(token_count(mask), 1.0)
 
 
-def zero_pad(x, mask):
+def zero_where_masked(x, mask):
     """Replace padded positions of ``x[B, T]`` or ``x[B, T, k]`` by 0 (``mask[B, T]``).
 
     Scorers already write 0 there (§2.5), but a ``-inf``/NaN at a padded position would still
@@ -60,7 +59,7 @@ def ppo_clip_terms(logp, old_logp, adv, epsilon):
     Returns: ``(loss[B, T], clipped[B, T] bool, log_ratio[B, T])`` with
     ``loss = -min(ρ·Â, clip(ρ, 1-ε, 1+ε)·Â) = max(-ρÂ, -clip(ρ)Â)``.
     """
-    log_ratio = logp - sg(old_logp)
+    log_ratio = logp - stop_gradient(old_logp)
     ratio = jnp.exp(log_ratio)
     loss1 = -adv * ratio
     loss2 = -adv * jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon)
@@ -73,7 +72,7 @@ def dual_clip_terms(logp, old_logp, adv, clip_ratio_low, clip_ratio_high, clip_r
     Used only by grpo and srpo's GRPO branch. Returns ``(loss, clipped, dual_clipped, log_ratio)``,
     all ``[B, T]``; ``log_ratio`` is the unclamped one (for ``ppo_kl``).
     """
-    log_ratio = logp - sg(old_logp)
+    log_ratio = logp - stop_gradient(old_logp)
     ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss1 = -adv * ratio
     loss2 = -adv * jnp.clip(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
@@ -86,7 +85,8 @@ def dual_clip_terms(logp, old_logp, adv, clip_ratio_low, clip_ratio_high, clip_r
 
 def is_ratio_weight(logp, old_logp, is_clip):
     """sdpo/srpo IS weight ``min(exp(clip(lp_θ − lp_old, ±20)), is_clip)``, stop-grad (§4.3)."""
-    log_ratio = jnp.clip(sg(logp) - sg(old_logp), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = jnp.clip(stop_gradient(logp) - stop_gradient(old_logp), -LOG_RATIO_CLAMP,
+                         LOG_RATIO_CLAMP)
     return jnp.minimum(jnp.exp(log_ratio), is_clip)
 
 
@@ -117,8 +117,8 @@ def divergence_terms(p, q, alpha):
     fwd = jnp.exp(q) * (q - p)
     rev = jnp.exp(p) * (p - q)
     # Keep log(α), log(1−α) finite-in-gradient: α is a hyper-parameter, never differentiated.
-    log_a = jnp.log(sg(alpha))
-    log_1ma = jnp.log1p(-sg(alpha))
+    log_a = jnp.log(stop_gradient(alpha))
+    log_1ma = jnp.log1p(-stop_gradient(alpha))
     m = jnp.logaddexp(p + log_1ma, q + log_a)
     mix = (1.0 - alpha) * jnp.exp(p) * (p - m) + alpha * jnp.exp(q) * (q - m)
     return jnp.where(alpha == 0.0, fwd, jnp.where(alpha == 1.0, rev, mix))
@@ -129,7 +129,7 @@ def k3_kl(logp, ref_logp):
 
     ``d = clip(lp_ref − lp_θ, ±20)``; ``k3 = clip(e^d − d − 1, ±10)``.
     """
-    d = jnp.clip(sg(ref_logp) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    d = jnp.clip(stop_gradient(ref_logp) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
 
 
@@ -149,7 +149,7 @@ def add_kl(loss, metrics, *, method, logp, ref_logp, kl_coef, mask):
     if ref_logp is None:
         raise ValueError(
             f"{method}: kl_coef={kl_coef!r} needs ref_logp=[B, T] (reference-model log-probs); "
-            "pass ref_logp, or kl_coef=0.0 to disable the KL term (RLCSD_SPEC §4.10). Under jit, "
+            "pass ref_logp, or kl_coef=0.0 to disable the KL term (§4.10). Under jit, "
             "bind hyper-parameters statically (functools.partial) so a 0 coefficient is seen."
         )
     if logp is None:
@@ -165,7 +165,7 @@ def apply_is(per_token, is_weights, mask):
     Applied to the policy/distillation term only, not to the k3 KL term (as verl does)."""
     if is_weights is None:
         return per_token
-    return per_token * sg(zero_pad(is_weights, mask))
+    return per_token * stop_gradient(zero_where_masked(is_weights, mask))
 
 
 def rollout_is_weights(old_logp, rollout_logp, mask, mode="token", threshold=2.0):
@@ -177,7 +177,7 @@ def rollout_is_weights(old_logp, rollout_logp, mask, mode="token", threshold=2.0
     Padding positions get 0. The reference computes these only when the sampler returns
     log-probs (off in every shipped run, §10.1), so losses take them via ``is_weights=None``.
     """
-    diff = jnp.where(mask > 0, sg(old_logp) - sg(rollout_logp), 0.0)
+    diff = jnp.where(mask > 0, stop_gradient(old_logp) - stop_gradient(rollout_logp), 0.0)
     if mode == "token":
         log_w = diff
     elif mode == "sequence":
@@ -193,9 +193,9 @@ def pg_metrics(*, logp, old_logp, mask, clipped):
     """Metrics common to the policy-gradient losses (verl names)."""
     return {
         "pg_clipfrac": masked_mean(clipped.astype(logp.dtype), mask),
-        "ppo_kl": masked_mean(sg(old_logp) - sg(logp), mask),
+        "ppo_kl": masked_mean(stop_gradient(old_logp) - stop_gradient(logp), mask),
         # −lp of the sampled token: a Monte-Carlo estimate of the policy entropy (only the
         # sampled token's log-prob is available to these losses).
-        "entropy_mc": masked_mean(-sg(logp), mask),
+        "entropy_mc": masked_mean(-stop_gradient(logp), mask),
         "response_token_count": token_count(mask),
     }

@@ -1,4 +1,4 @@
-"""Top-k distillation losses: opsd, sdpo, srpo, opsd_ectr (RLCSD_SPEC §4.2–4.4, §4.7).
+"""Top-k distillation losses: opsd, sdpo, srpo, opsd_ectr (algorithm.md §4.2–4.4, §4.7).
 
 Top-k inputs are ``[B, T, k]`` log-probs normalised over the FULL vocabulary, already gathered
 by the scoring code (§3 "Top-k mechanics"):
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.lax import stop_gradient
 
 from rlcsd_jax.losses.common import (
     add_kl,
@@ -25,10 +26,9 @@ from rlcsd_jax.losses.common import (
     is_ratio_weight,
     masked_mean,
     masked_sum,
-    sg,
     token_count,
     with_tail,
-    zero_pad,
+    zero_where_masked,
 )
 
 # srpo entropy weights: cap the shifted exponent and floor the mean (§4.4, §8).
@@ -52,28 +52,28 @@ def opsd(*, student_topk_logp, teacher_topk_logp, mask, beta=0.0, jsd_token_clip
     only for the KL term.
     """
     student_topk_logp, teacher_topk_logp, logp, ref_logp = (
-        zero_pad(x, mask) for x in (student_topk_logp, teacher_topk_logp, logp, ref_logp))
+        zero_where_masked(x, mask) for x in (student_topk_logp, teacher_topk_logp, logp, ref_logp))
     p = with_tail(student_topk_logp)
-    q = with_tail(sg(teacher_topk_logp))
+    q = with_tail(stop_gradient(teacher_topk_logp))
     terms = divergence_terms(p, q, beta)
     per_tok, over = _clipped_entry_sum(terms, jsd_token_clip)
     per_tok = apply_is(per_tok, is_weights, mask)
     loss = masked_mean(per_tok, mask)
     metrics = {
         "opsd/token_loss_mean": loss,
-        "opsd/divergence_mean": masked_mean(sg(jnp.sum(terms, axis=-1)), mask),
+        "opsd/divergence_mean": masked_mean(stop_gradient(jnp.sum(terms, axis=-1)), mask),
         "opsd/entry_clip_frac": masked_mean(jnp.mean(over.astype(p.dtype), axis=-1), mask),
         "opsd/teacher_tail_mass": masked_mean(jnp.exp(q[..., -1]), mask),
         "response_token_count": token_count(mask),
     }
-    return add_kl(loss, metrics, method="opsd", logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
-                  mask=mask)
+    return add_kl(loss, metrics, method=opsd.__name__, logp=logp, ref_logp=ref_logp,
+                  kl_coef=kl_coef, mask=mask)
 
 
 def _jsd_per_token(student_topk_logp, teacher_topk_logp, alpha):
     """``JSD_t`` over the student's top-k + tail, ``[B, T]`` (§4.3); no per-entry clip."""
     p = with_tail(student_topk_logp)
-    q = with_tail(sg(teacher_topk_logp))
+    q = with_tail(stop_gradient(teacher_topk_logp))
     return jnp.sum(divergence_terms(p, q, alpha), axis=-1)
 
 
@@ -83,22 +83,22 @@ def sdpo(*, logp, old_logp, student_topk_logp, teacher_topk_logp, mask, alpha=0.
     is_clip)`` (stop-gradient). ``logp, old_logp, mask: [B, T]``; top-k arrays ``[B, T, k]`` at
     the STUDENT's top-k ids. No reward term."""
     logp, old_logp, ref_logp, student_topk_logp, teacher_topk_logp = (
-        zero_pad(x, mask)
+        zero_where_masked(x, mask)
         for x in (logp, old_logp, ref_logp, student_topk_logp, teacher_topk_logp))
     jsd = _jsd_per_token(student_topk_logp, teacher_topk_logp, alpha)
     w_is = is_ratio_weight(logp, old_logp, is_clip)
     per_tok = apply_is(jsd * w_is, is_weights, mask)
     loss = masked_mean(per_tok, mask)
     metrics = {
-        "sdpo/jsd_mean": masked_mean(sg(jsd), mask),
+        "sdpo/jsd_mean": masked_mean(stop_gradient(jsd), mask),
         "sdpo/is_weight_mean": masked_mean(w_is, mask),
         "sdpo/is_clipfrac": masked_mean((w_is >= is_clip).astype(jsd.dtype), mask),
-        "ppo_kl": masked_mean(sg(old_logp) - sg(logp), mask),
-        "entropy_mc": masked_mean(-sg(logp), mask),
+        "ppo_kl": masked_mean(stop_gradient(old_logp) - stop_gradient(logp), mask),
+        "entropy_mc": masked_mean(-stop_gradient(logp), mask),
         "response_token_count": token_count(mask),
     }
-    return add_kl(loss, metrics, method="sdpo", logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
-                  mask=mask)
+    return add_kl(loss, metrics, method=sdpo.__name__, logp=logp, ref_logp=ref_logp,
+                  kl_coef=kl_coef, mask=mask)
 
 
 def srpo_entropy_weights(teacher_entropy, routed, beta):
@@ -107,12 +107,12 @@ def srpo_entropy_weights(teacher_entropy, routed, beta):
     Max-subtraction over routed tokens only (others filled with −1e30), exponent capped at 50,
     mean floored at 1e-12; 0 off the routed set. ``[B, T]``, stop-gradient.
     """
-    log_w = -beta * sg(teacher_entropy)
+    log_w = -beta * stop_gradient(teacher_entropy)
     top = jnp.max(jnp.where(routed, log_w, _NEG_FILL))
     w = jnp.where(routed, jnp.exp(jnp.minimum(jnp.where(routed, log_w - top, 0.0),
                                               SRPO_EXP_CAP)), 0.0)
     mean = jnp.maximum(jnp.sum(w) / jnp.maximum(token_count(routed), 1.0), SRPO_MEAN_FLOOR)
-    return sg(w / mean)
+    return stop_gradient(w / mean)
 
 
 def srpo(*, logp, old_logp, advantages, mask, student_topk_logp, teacher_topk_logp,
@@ -123,9 +123,9 @@ def srpo(*, logp, old_logp, advantages, mask, student_topk_logp, teacher_topk_lo
     ``max(#GRPO + #SDPO tokens, 1)``. ``beta`` is ``srpo_beta`` (entropy weight scale);
     ``teacher_entropy: [B, T]`` is the teacher's full-vocab entropy."""
     logp, old_logp, ref_logp, student_topk_logp, teacher_topk_logp, teacher_entropy = (
-        zero_pad(x, mask) for x in (logp, old_logp, ref_logp, student_topk_logp,
+        zero_where_masked(x, mask) for x in (logp, old_logp, ref_logp, student_topk_logp,
                                     teacher_topk_logp, teacher_entropy))
-    adv = sg(broadcast_adv(advantages, logp))
+    adv = stop_gradient(broadcast_adv(advantages, logp))
     real = mask > 0
     to_grpo = (adv > 0) & real
     to_sdpo = (adv <= 0) & real
@@ -142,19 +142,19 @@ def srpo(*, logp, old_logp, advantages, mask, student_topk_logp, teacher_topk_lo
     metrics = {
         "srpo/grpo_token_ratio": n_grpo / n_all,
         "srpo/sdpo_token_ratio": n_sdpo / n_all,
-        "srpo/jsd_mean": masked_mean(sg(jsd), to_sdpo),
+        "srpo/jsd_mean": masked_mean(stop_gradient(jsd), to_sdpo),
         "srpo/is_weight_mean": masked_mean(w_is, to_sdpo),
         "srpo/entropy_weight_max": jnp.max(jnp.where(to_sdpo, dw, 0.0)),
-        "srpo/teacher_entropy_mean": masked_mean(sg(teacher_entropy), mask),
-        "srpo/grpo_loss_sum": masked_sum(sg(per_tok), to_grpo),
-        "srpo/sdpo_loss_sum": masked_sum(sg(per_tok), to_sdpo),
+        "srpo/teacher_entropy_mean": masked_mean(stop_gradient(teacher_entropy), mask),
+        "srpo/grpo_loss_sum": masked_sum(stop_gradient(per_tok), to_grpo),
+        "srpo/sdpo_loss_sum": masked_sum(stop_gradient(per_tok), to_sdpo),
         "pg_clipfrac": masked_mean(clipped.astype(logp.dtype), to_grpo),
-        "ppo_kl": masked_mean(sg(old_logp) - sg(logp), mask),
-        "entropy_mc": masked_mean(-sg(logp), mask),
+        "ppo_kl": masked_mean(stop_gradient(old_logp) - stop_gradient(logp), mask),
+        "entropy_mc": masked_mean(-stop_gradient(logp), mask),
         "response_token_count": token_count(mask),
     }
-    return add_kl(loss, metrics, method="srpo", logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
-                  mask=mask)
+    return add_kl(loss, metrics, method=srpo.__name__, logp=logp, ref_logp=ref_logp,
+                  kl_coef=kl_coef, mask=mask)
 
 
 def opsd_ectr(*, student_topk_logp, teacher_topk_logp, teacher_wrong_topk_logp, mask, alpha=0.5,
@@ -169,11 +169,11 @@ def opsd_ectr(*, student_topk_logp, teacher_topk_logp, teacher_wrong_topk_logp, 
     token-mean(ℓ_t·m_t). KL coef 0.001 by default (§4.0): pass ``logp`` and ``ref_logp``.
     """
     student_topk_logp, teacher_topk_logp, teacher_wrong_topk_logp, logp, ref_logp = (
-        zero_pad(x, mask) for x in (student_topk_logp, teacher_topk_logp,
+        zero_where_masked(x, mask) for x in (student_topk_logp, teacher_topk_logp,
                                     teacher_wrong_topk_logp, logp, ref_logp))
     p = with_tail(student_topk_logp)
-    qc = with_tail(sg(teacher_topk_logp))
-    qw = with_tail(sg(teacher_wrong_topk_logp))
+    qc = with_tail(stop_gradient(teacher_topk_logp))
+    qw = with_tail(stop_gradient(teacher_wrong_topk_logp))
     g = (1.0 + alpha) * qc - alpha * jnp.maximum(qw, log_w_floor)
     g = g - jax.nn.logsumexp(g, axis=-1, keepdims=True)
     terms = jnp.exp(g) * (g - p)
@@ -182,16 +182,16 @@ def opsd_ectr(*, student_topk_logp, teacher_topk_logp, teacher_wrong_topk_logp, 
     cw_tau_arr = jnp.asarray(cw_tau, dtype=p.dtype)
     m = jnp.where(cw_tau_arr > 0, kl_cw / (kl_cw + jnp.where(cw_tau_arr > 0, cw_tau_arr, 1.0)),
                   1.0)
-    m = sg(m)
+    m = stop_gradient(m)
     per_tok = apply_is(per_entry_sum * m, is_weights, mask)
     loss = masked_mean(per_tok, mask)
     metrics = {
         "opsd_ectr/token_loss_mean": loss,
-        "opsd_ectr/unweighted_loss_mean": masked_mean(sg(per_entry_sum), mask),
+        "opsd_ectr/unweighted_loss_mean": masked_mean(stop_gradient(per_entry_sum), mask),
         "opsd_ectr/cw_mean": masked_mean(m, mask),
         "opsd_ectr/kl_cw_mean": masked_mean(kl_cw, mask),
         "opsd_ectr/entry_clip_frac": masked_mean(jnp.mean(over.astype(p.dtype), axis=-1), mask),
         "response_token_count": token_count(mask),
     }
-    return add_kl(loss, metrics, method="opsd_ectr", logp=logp, ref_logp=ref_logp,
+    return add_kl(loss, metrics, method=opsd_ectr.__name__, logp=logp, ref_logp=ref_logp,
                   kl_coef=kl_coef, mask=mask)

@@ -1,4 +1,4 @@
-"""Sampled-token policy-gradient losses: grpo, rlsd, rlsd_ectr, rlcsd (RLCSD_SPEC §4.1, §4.5,
+"""Sampled-token policy-gradient losses: grpo, rlsd, rlsd_ectr, rlcsd (algorithm.md §4.1, §4.5,
 §4.6, §4.8).
 
 Inputs per rollout b and response token t: ``logp[B, T]`` (current policy, WITH gradient),
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.lax import stop_gradient
 
 from rlcsd_jax.losses.common import (
     add_kl,
@@ -23,9 +24,8 @@ from rlcsd_jax.losses.common import (
     masked_sum,
     pg_metrics,
     ppo_clip_terms,
-    sg,
     token_count,
-    zero_pad,
+    zero_where_masked,
 )
 
 # rlsd_ectr clamps the exponent of exp(sign(A)·δ) (§4.6, §8).
@@ -36,8 +36,8 @@ def grpo(*, logp, old_logp, advantages, mask, clip_ratio_low=0.2, clip_ratio_hig
          clip_ratio_c=3.0, ref_logp=None, kl_coef=0.001, is_weights=None):
     """GRPO / verl ``vanilla`` policy loss (§4.1): dual clip, log-ratio clamp ±20, token-mean,
     plus ``kl_coef · token-mean(k3)`` (0.001 by default, §4.0; needs ``ref_logp``)."""
-    logp, old_logp, ref_logp = (zero_pad(x, mask) for x in (logp, old_logp, ref_logp))
-    adv = sg(broadcast_adv(advantages, logp))
+    logp, old_logp, ref_logp = (zero_where_masked(x, mask) for x in (logp, old_logp, ref_logp))
+    adv = stop_gradient(broadcast_adv(advantages, logp))
     per_tok, clipped, dual, _ = dual_clip_terms(
         logp, old_logp, adv, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     per_tok = apply_is(per_tok, is_weights, mask)
@@ -45,32 +45,32 @@ def grpo(*, logp, old_logp, advantages, mask, clip_ratio_low=0.2, clip_ratio_hig
     metrics = pg_metrics(logp=logp, old_logp=old_logp, mask=mask, clipped=clipped)
     metrics["pg_clipfrac_lower"] = masked_mean(dual.astype(logp.dtype), mask)
     metrics["pg_loss"] = loss
-    return add_kl(loss, metrics, method="grpo", logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
-                  mask=mask)
+    return add_kl(loss, metrics, method=grpo.__name__, logp=logp, ref_logp=ref_logp,
+                  kl_coef=kl_coef, mask=mask)
 
 
 def _rlsd_core(method, *, logp, old_logp, advantages, mask, signal, teacher_logp, epsilon,
                epsilon_w, lam, exp_clamp, ref_logp, kl_coef, is_weights):
     """Shared rlsd / rlsd_ectr body: ``Â = A·((1−λ) + λ·clip(exp(sign(A)·δ), 1±ε_w))``, PPO-clip.
 
-    Array inputs arrive already zero-padded (``zero_pad``)."""
-    adv = sg(broadcast_adv(advantages, logp))
-    arg = jnp.sign(adv) * sg(signal)
+    Array inputs arrive with their padded positions zeroed (``zero_where_masked``)."""
+    adv = stop_gradient(broadcast_adv(advantages, logp))
+    arg = jnp.sign(adv) * stop_gradient(signal)
     if exp_clamp is not None:
         arg = jnp.clip(arg, -exp_clamp, exp_clamp)
     # A = 0 ⇒ sign = 0 ⇒ w = 1 and Â = 0; `where` keeps a non-finite δ from making 0·inf = NaN.
     arg = jnp.where(adv == 0, 0.0, arg)
     w = jnp.clip(jnp.exp(arg), 1.0 - epsilon_w, 1.0 + epsilon_w)
-    adv_hat = sg(adv * ((1.0 - lam) + lam * w))
+    adv_hat = stop_gradient(adv * ((1.0 - lam) + lam * w))
     per_tok, clipped, _ = ppo_clip_terms(logp, old_logp, adv_hat, epsilon)
     per_tok = apply_is(per_tok, is_weights, mask)
     loss = masked_mean(per_tok, mask)
     metrics = pg_metrics(logp=logp, old_logp=old_logp, mask=mask, clipped=clipped)
     metrics.update({
         f"{method}/w_mean": masked_mean(w, mask),
-        f"{method}/delta_mean": masked_mean(sg(signal), mask),
+        f"{method}/delta_mean": masked_mean(stop_gradient(signal), mask),
         f"{method}/adv_hat_mean": masked_mean(adv_hat, mask),
-        "teacher_gap": masked_mean(sg(teacher_logp) - sg(logp), mask),
+        "teacher_gap": masked_mean(stop_gradient(teacher_logp) - stop_gradient(logp), mask),
         "pg_loss": loss,
     })
     return add_kl(loss, metrics, method=method, logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
@@ -86,10 +86,10 @@ def rlsd(*, logp, old_logp, advantages, mask, teacher_logp, epsilon=0.2, epsilon
     :func:`rlcsd_jax.losses.lam_schedule`, applied by the caller.
     """
     logp, old_logp, ref_logp, teacher_logp = (
-        zero_pad(x, mask) for x in (logp, old_logp, ref_logp, teacher_logp))
-    signal = sg(teacher_logp) - sg(logp)
-    return _rlsd_core("rlsd", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                      signal=signal, teacher_logp=teacher_logp, epsilon=epsilon,
+        zero_where_masked(x, mask) for x in (logp, old_logp, ref_logp, teacher_logp))
+    signal = stop_gradient(teacher_logp) - stop_gradient(logp)
+    return _rlsd_core(rlsd.__name__, logp=logp, old_logp=old_logp, advantages=advantages,
+                      mask=mask, signal=signal, teacher_logp=teacher_logp, epsilon=epsilon,
                       epsilon_w=epsilon_w, lam=lam, exp_clamp=None, ref_logp=ref_logp,
                       kl_coef=kl_coef, is_weights=is_weights)
 
@@ -100,10 +100,10 @@ def rlsd_ectr(*, logp, old_logp, advantages, mask, teacher_correct_logp, teacher
     clamped at ±60. ``teacher_correct_logp[B, T]``, ``teacher_wrong_logp[B, T]`` (ONE wrong hint).
     KL coef 0.001 by default (§4.0)."""
     logp, old_logp, ref_logp, teacher_correct_logp, teacher_wrong_logp = (
-        zero_pad(x, mask)
+        zero_where_masked(x, mask)
         for x in (logp, old_logp, ref_logp, teacher_correct_logp, teacher_wrong_logp))
-    signal = sg(teacher_correct_logp) - sg(teacher_wrong_logp)
-    return _rlsd_core("rlsd_ectr", logp=logp, old_logp=old_logp, advantages=advantages,
+    signal = stop_gradient(teacher_correct_logp) - stop_gradient(teacher_wrong_logp)
+    return _rlsd_core(rlsd_ectr.__name__, logp=logp, old_logp=old_logp, advantages=advantages,
                       mask=mask, signal=signal, teacher_logp=teacher_correct_logp,
                       epsilon=epsilon, epsilon_w=epsilon_w, lam=lam, exp_clamp=ECTR_EXP_CLAMP,
                       ref_logp=ref_logp, kl_coef=kl_coef, is_weights=is_weights)
@@ -122,12 +122,13 @@ def rlcsd_contrast(teacher_correct_logp, teacher_wrong_logp, wrong_valid):
     no valid slot (never a real surviving rollout, §8) gets ``e = 0`` instead of +inf.
     """
     valid = wrong_valid > 0
-    lw = jnp.where(valid[:, :, None], sg(teacher_wrong_logp), -jnp.inf)
+    lw = jnp.where(valid[:, :, None], stop_gradient(teacher_wrong_logp), -jnp.inf)
     k_valid = jnp.maximum(jnp.sum(valid.astype(teacher_correct_logp.dtype), axis=-1), 1.0)
     # logsumexp over an all −inf column returns −inf (no NaN); guarded by `any_valid` below.
     logmix = jax.nn.logsumexp(lw, axis=1) - jnp.log(k_valid)[:, None]
     any_valid = jnp.any(valid, axis=-1)[:, None]
-    e = jnp.where(any_valid, sg(teacher_correct_logp) - jnp.where(any_valid, logmix, 0.0), 0.0)
+    e = jnp.where(any_valid,
+                  stop_gradient(teacher_correct_logp) - jnp.where(any_valid, logmix, 0.0), 0.0)
     return e, k_valid
 
 
@@ -146,7 +147,7 @@ def rlcsd_modulation(e, advantages_bt, mask, *, tau, beta, lam, delta, residual_
     raw = advantages_bt + r
     adv_hat = jnp.where(advantages_bt > 0, jnp.maximum(raw, 0.0),
                         jnp.where(advantages_bt < 0, jnp.minimum(raw, 0.0), 0.0))
-    return sg(r), sg(sel), sg(adv_hat)
+    return stop_gradient(r), stop_gradient(sel), stop_gradient(adv_hat)
 
 
 def rlcsd(*, logp, old_logp, advantages, mask, teacher_correct_logp, teacher_wrong_logp,
@@ -162,9 +163,9 @@ def rlcsd(*, logp, old_logp, advantages, mask, teacher_correct_logp, teacher_wro
     clamp, no dual clip.
     """
     logp, old_logp, ref_logp, teacher_correct_logp = (
-        zero_pad(x, mask) for x in (logp, old_logp, ref_logp, teacher_correct_logp))
+        zero_where_masked(x, mask) for x in (logp, old_logp, ref_logp, teacher_correct_logp))
     teacher_wrong_logp = jnp.where(mask[:, None, :] > 0, teacher_wrong_logp, 0.0)
-    adv = sg(broadcast_adv(advantages, logp))
+    adv = stop_gradient(broadcast_adv(advantages, logp))
     e, k_valid = rlcsd_contrast(teacher_correct_logp, teacher_wrong_logp, wrong_valid)
     r, sel, adv_hat = rlcsd_modulation(
         e, adv, mask, tau=tau, beta=beta, lam=lam, delta=delta,
@@ -200,11 +201,11 @@ def rlcsd(*, logp, old_logp, advantages, mask, teacher_correct_logp, teacher_wro
         / jnp.maximum(jnp.sum(rows.astype(dtype)), 1.0),
         "rlcsd/loss_selected": path_s,
         "rlcsd/loss_nonselected": path_ns,
-        "teacher_gap": masked_mean(sg(teacher_correct_logp) - sg(logp), mask),
+        "teacher_gap": masked_mean(stop_gradient(teacher_correct_logp) - stop_gradient(logp), mask),
         "pg_loss": loss,
     })
-    return add_kl(loss, metrics, method="rlcsd", logp=logp, ref_logp=ref_logp, kl_coef=kl_coef,
-                  mask=mask)
+    return add_kl(loss, metrics, method=rlcsd.__name__, logp=logp, ref_logp=ref_logp,
+                  kl_coef=kl_coef, mask=mask)
 
 
 def signal_diagnostics(*, logp, teacher_correct_logp, teacher_wrong_logp, wrong_valid, mask):
@@ -213,8 +214,9 @@ def signal_diagnostics(*, logp, teacher_correct_logp, teacher_wrong_logp, wrong_
     ``e_c = lp_T(y | correct) − lp_S(y)`` (the RLSD/OPD-style signal) and ``e_ctr`` = the RLCSD
     contrast e_t (the same :func:`rlcsd_contrast` the loss uses).
     """
-    logp, teacher_correct_logp = zero_pad(logp, mask), zero_pad(teacher_correct_logp, mask)
+    logp = zero_where_masked(logp, mask)
+    teacher_correct_logp = zero_where_masked(teacher_correct_logp, mask)
     teacher_wrong_logp = jnp.where(mask[:, None, :] > 0, teacher_wrong_logp, 0.0)
     e_ctr, _ = rlcsd_contrast(teacher_correct_logp, teacher_wrong_logp, wrong_valid)
-    e_c = sg(teacher_correct_logp) - sg(logp)
+    e_c = stop_gradient(teacher_correct_logp) - stop_gradient(logp)
     return {"e_c": jnp.where(mask > 0, e_c, 0.0), "e_ctr": jnp.where(mask > 0, e_ctr, 0.0)}

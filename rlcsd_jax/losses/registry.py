@@ -1,38 +1,26 @@
-"""Loss registry, per-method defaults, per-rollout and micro-batch aggregation (RLCSD_SPEC §4.0,
+"""Loss registry, per-method defaults, per-rollout and micro-batch aggregation (algorithm.md §4.0,
 §4.9; issue 20).
 
 ``get(name)`` returns a pure function ``(**arrays, **hparams) -> (scalar_loss, metrics)``.
 ``DEFAULTS[name]`` holds its hyper-parameter defaults (the shipped CONFIG values of §4.0, read
 off the function signature, so there is one source of truth) and ``INPUTS[name]`` the arrays it
-requires. ``METHODS[name]`` records the non-loss settings of §3/§4.0/§4.9 a trainer needs.
+requires. ``METHODS[name]`` is the method's entry in the one method table
+(:mod:`rlcsd_jax.losses.methods`): its loss and the settings of §3/§4.0/§4.9 a trainer needs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import types
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from rlcsd_jax.losses import distill, policy_gradient
+from rlcsd_jax.losses import reductions
+from rlcsd_jax.losses.methods import METHODS
 
-_LOSSES: dict[str, Callable] = {
-    "grpo": policy_gradient.grpo,
-    "opsd": distill.opsd,
-    "sdpo": distill.sdpo,
-    "srpo": distill.srpo,
-    "rlsd": policy_gradient.rlsd,
-    "rlcsd": policy_gradient.rlcsd,
-    "opsd_ectr": distill.opsd_ectr,
-    "rlsd_ectr": policy_gradient.rlsd_ectr,
-}
-
-# Optional arrays every loss accepts; not hyper-parameters.
-_OPTIONAL_ARRAYS = ("ref_logp", "is_weights", "logp")
+_LOSSES: dict[str, Callable] = {name: spec.loss for name, spec in METHODS.items()}
 
 
 def names() -> tuple[str, ...]:
@@ -47,52 +35,8 @@ def get(name: str) -> Callable:
         raise KeyError(f"unknown loss {name!r}; allowed: {', '.join(_LOSSES)}") from None
 
 
-def _signature_split(fn):
-    required, hparams = [], {}
-    for p in inspect.signature(fn).parameters.values():
-        if p.default is inspect.Parameter.empty:
-            required.append(p.name)
-        elif p.name not in _OPTIONAL_ARRAYS:
-            hparams[p.name] = p.default
-    return tuple(required), types.MappingProxyType(hparams)
-
-
-INPUTS = types.MappingProxyType({n: _signature_split(f)[0] for n, f in _LOSSES.items()})
-DEFAULTS = types.MappingProxyType({n: _signature_split(f)[1] for n, f in _LOSSES.items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSettings:
-    """Non-loss per-method settings from the spec (§3 table, §4.0, §4.9, §5)."""
-
-    teacher_mode: str | None  # "fixed" (live θ), "ema", "snapshot"; None = no teacher
-    teacher_context: str | None  # "gt_solution" (§2.2) or "self_rollout" (§2.3, filtered)
-    single_wrong: bool  # one wrong hint (opsd_ectr, rlsd_ectr) vs up to k_max (rlcsd)
-    grad_clip: float
-    # "per_rollout", "batch" (§4.9) or "reference_micro_batch" (the reference's token-budget
-    # micro-batches, each normalised on its own: `trainer.microbatch.ReferenceRule`).  sdpo and
-    # srpo default to the reference's: their normalisation spans the several rollouts of a
-    # reference micro-batch (srpo's entropy weights and shared denominator, sdpo's token-mean;
-    # issue 20).  The other distillation methods default to per-rollout.  A reference
-    # micro-batch of the ECTR variants or rlcsd (several teacher rows per rollout) mostly holds
-    # one rollout; opsd's and rlsd's hold 1 to 3, like sdpo's (docs/reference_differences.md).
-    aggregation: str
-    # The batch-aggregated loss is ONE token-mean (a micro-batch's share of it is exact): false
-    # for rlcsd (two paths, each normalised by its own token count) and srpo (entropy weights
-    # normalised over the batch).
-    token_mean_loss: bool = True
-
-
-METHODS = types.MappingProxyType({
-    "grpo": MethodSettings(None, None, False, 1.0, "batch"),
-    "opsd": MethodSettings("fixed", "gt_solution", False, 0.1, "per_rollout"),
-    "sdpo": MethodSettings("ema", "gt_solution", False, 1.0, "reference_micro_batch"),
-    "srpo": MethodSettings("ema", "gt_solution", False, 1.0, "reference_micro_batch", False),
-    "rlsd": MethodSettings("snapshot", "gt_solution", False, 1.0, "per_rollout"),
-    "rlcsd": MethodSettings("snapshot", "self_rollout", False, 1.0, "per_rollout", False),
-    "opsd_ectr": MethodSettings("fixed", "self_rollout", True, 0.1, "per_rollout"),
-    "rlsd_ectr": MethodSettings("snapshot", "self_rollout", True, 1.0, "per_rollout"),
-})
+INPUTS = types.MappingProxyType({n: s.inputs for n, s in METHODS.items()})
+DEFAULTS = types.MappingProxyType({n: s.defaults for n, s in METHODS.items()})
 
 
 def _is_batched(x) -> bool:
@@ -107,8 +51,10 @@ def per_rollout(loss_fn: Callable) -> Callable:
     leading axis of 1, so token-means and rlcsd's two-path normalisation become per-rollout);
     scalars (hyper-parameters) are shared. Extra keyword ``rollout_denominator`` (default B)
     divides the sum of per-row losses: pass the nominal mini-batch size to reproduce the
-    reference's "divide by nominal 128" scale when fewer rows survive. Metrics are averaged over
-    rows that hold at least one response token (zero-mask padding rows are excluded).
+    reference's "divide by nominal 128" scale when fewer rows survive. Metrics reduce over the
+    rows as `reductions` declares: counts and sums add up, maxima take the largest, means are
+    averaged over the rows that hold at least one response token (zero-mask padding rows are
+    excluded).
     """
 
     @functools.wraps(loss_fn)
@@ -126,10 +72,8 @@ def per_rollout(loss_fn: Callable) -> Callable:
         n_rows = losses.shape[0]
         denom = n_rows if rollout_denominator is None else rollout_denominator
         loss = jnp.sum(losses) / denom
-        live = jnp.any(batched["mask"] > 0, axis=-1).astype(losses.dtype)
-        n_live = jnp.maximum(jnp.sum(live), 1.0)
-        metrics = {k: jnp.sum(v * live) / n_live for k, v in metrics.items()}
-        return loss, metrics
+        live = jnp.any(batched["mask"] > 0, axis=-1)
+        return loss, reductions.reduce_rows(metrics, live)
 
     return wrapped
 

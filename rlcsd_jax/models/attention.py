@@ -1,7 +1,7 @@
 """Grouped-query self-attention with QK-norm, per-layer RoPE/window choice and an optional KV cache.
 
 One class serves Qwen3 (QK-norm per head over D) and Olmo-3 (QK-norm over the whole projection,
-MODEL_SPEC §5.2).  The layer type (full or sliding) is data, not structure: the caller passes the
+models.md §5.2).  The layer type (full or sliding) is data, not structure: the caller passes the
 cos/sin tables of this layer and a traced `sliding` flag that picks the window with `lax.cond`,
 so the layer stack stays scannable.  Which keys a query sees is decided by positions and segment
 ids (`AttentionInputs`), never by a materialised [B, T, S] mask (`attention_impls`).

@@ -2,7 +2,7 @@
 
 `from_hf_config` reads a raw HF `config.json` dict (transformers 4.x `rope_scaling` +
 `rope_theta`, or 5.x `rope_parameters`, flat or keyed by layer type) and never relies on HF class
-defaults, which differ from the released checkpoints (MODEL_SPEC §5.8).
+defaults, which differ from the released checkpoints (models.md §5.8).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ModelConfig:
 
     @property
     def qk_norm_per_head(self) -> bool:
-        """Qwen3: QK-norm over D per head; Olmo-3: over the whole projection (MODEL_SPEC §5.2)."""
+        """Qwen3: QK-norm over D per head; Olmo-3: over the whole projection (§5.2)."""
         return self.model_type == "qwen3"
 
     @property

@@ -1,7 +1,7 @@
 """Which `transformers` versions compute Olmo-3 the way the checkpoints were trained.
 
 transformers 5.0 – 5.12 applied YaRN (and its 1.208 cos/sin factor) to every Olmo-3 layer;
-4.57.x and >= 5.13.1 apply it to full-attention layers only, as OLMo-core does (MODEL_SPEC §5.1).
+4.57.x and >= 5.13.1 apply it to full-attention layers only, as OLMo-core does (models.md §5.1).
 Our Olmo-3 follows the correct behaviour, so HF references must come from a good version.
 """
 

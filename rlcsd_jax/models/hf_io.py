@@ -1,9 +1,9 @@
 """HF safetensors <-> JAX parameter conversion.
 
-Layout rules (MODEL_SPEC §3): HF Linear weights are [out, in]; ours are [in..., out...] with heads
+Layout rules (models.md §3): HF Linear weights are [out, in]; ours are [in..., out...] with heads
 split out (q: [d, H, D], o: [H, D, d]), so every Linear is transposed and reshaped.  Per-layer HF
 tensors are stacked on a leading [L] axis.  Tied checkpoints that still ship `lm_head.weight`
-(Qwen3 0.6B/1.7B) ignore it (MODEL_SPEC §5.3).
+(Qwen3 0.6B/1.7B) ignore it (§5.3).
 
 Loading streams tensor by tensor from (possibly sharded) safetensors via memory maps: the only
 full host copy is the one stacked leaf being assembled, which is then placed on devices with its

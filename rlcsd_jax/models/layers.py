@@ -37,7 +37,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_in_fp32: bool) 
 
     weight_in_fp32=False (Qwen3): the normalised value is cast to x.dtype first and then multiplied
     by the weight in x.dtype.  True (Olmo-3): the multiply happens in fp32 and the result is cast.
-    MODEL_SPEC §1.1; the two differ by one bf16 rounding.
+    models.md §1.1; the two differ by one bf16 rounding.
     """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -60,7 +60,7 @@ def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position: int,
                   beta_fast: float = 32.0, beta_slow: float = 1.0,
                   truncate: bool = True) -> np.ndarray:
-    """[D/2] fp32 YaRN inverse frequencies, as HF `_compute_yarn_parameters` (MODEL_SPEC §1.3).
+    """[D/2] fp32 YaRN inverse frequencies, as HF `_compute_yarn_parameters` (§1.3).
 
     The correction range uses the full head dim while the ramp has D/2 entries.
     """

@@ -1,7 +1,7 @@
 """Olmo-3 (7B / 32B Think): post-norm blocks, QK-norm over the whole projection, 3:1 sliding /
-full attention with YaRN on full layers only (MODEL_SPEC §1.3, §5.1).
+full attention with YaRN on full layers only (models.md §1.3, §5.1).
 
-Chat format of Olmo-3-Think (MODEL_SPEC §4.2; the prompt code renders with the checkpoint's own
+Chat format of Olmo-3-Think (§4.2; the prompt code renders with the checkpoint's own
 chat template, these constants document what that template produces):
 """
 
@@ -48,22 +48,37 @@ HF_LAYER_NAMES = {
 }
 
 
-def _preset(d, f, n_layers, h, kv) -> ModelConfig:
+def _olmo3(*, num_layers: int, **shape) -> ModelConfig:
+    """An Olmo-3 config of the given shape, with what every size shares: the 100278-token
+    vocabulary, untied embeddings, three sliding-window (4096) layers to one full layer, YaRN
+    (factor 8 over 8192 positions) on the full layers only, 65536 positions, the EOS / pad ids."""
     yarn = RopeConfig(theta=500_000.0, rope_type="yarn", factor=8.0, original_max_position=8192,
                       attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0)
     return ModelConfig(
-        model_type="olmo3", vocab_size=100278, hidden_size=d, intermediate_size=f,
-        num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=d // h, rms_norm_eps=1e-6,
+        model_type="olmo3", vocab_size=100278, num_layers=num_layers, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
-        layer_types=tuple(FULL if (i + 1) % 4 == 0 else SLIDING for i in range(n_layers)),
+        layer_types=tuple(FULL if (i + 1) % 4 == 0 else SLIDING for i in range(num_layers)),
         rope_full=yarn, rope_sliding=RopeConfig(theta=500_000.0), sliding_window=4096,
         max_position_embeddings=65536,
         hf_extra=json.dumps({"eos_token_id": ENDOFTEXT_ID, "pad_token_id": PAD_ID,
-                             "torch_dtype": "bfloat16"}))
+                             "torch_dtype": "bfloat16"}),
+        **shape)
 
 
-# MODEL_SPEC §2.
+# The published sizes (models.md §2).
+
+
+def olmo3_7b_think() -> ModelConfig:
+    return _olmo3(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                  num_kv_heads=32, head_dim=128)
+
+
+def olmo3_32b_think() -> ModelConfig:
+    return _olmo3(hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
+                  num_kv_heads=8, head_dim=128)
+
+
 PRESETS = {
-    "olmo3-7b-think": _preset(4096, 11008, 32, 32, 32),
-    "olmo3-32b-think": _preset(5120, 27648, 64, 40, 8),
+    "olmo3-7b-think": olmo3_7b_think(),
+    "olmo3-32b-think": olmo3_32b_think(),
 }

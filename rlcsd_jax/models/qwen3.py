@@ -1,4 +1,4 @@
-"""Qwen3 dense (0.6B / 1.7B / 4B / 8B): pre-norm blocks with per-head QK-norm (MODEL_SPEC §1.2)."""
+"""Qwen3 dense (0.6B / 1.7B / 4B / 8B): pre-norm blocks with per-head QK-norm (models.md §1.2)."""
 
 from __future__ import annotations
 
@@ -35,23 +35,52 @@ HF_LAYER_NAMES = {
 }
 
 
-def _preset(vocab, d, f, n_layers, h, kv, tied, head_dim=128) -> ModelConfig:
+def _qwen3(*, num_layers: int, **shape) -> ModelConfig:
+    """A Qwen3 config of the given shape, with what every size shares: RMSNorm eps 1e-6, full
+    attention on every layer, RoPE θ 1e6, 40960 positions, the BOS / EOS ids."""
     return ModelConfig(
-        model_type="qwen3", vocab_size=vocab, hidden_size=d, intermediate_size=f,
-        num_layers=n_layers, num_heads=h, num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, layer_types=(FULL,) * n_layers,
-        rope_full=RopeConfig(theta=1_000_000.0), max_position_embeddings=40960,
+        model_type="qwen3", num_layers=num_layers, rms_norm_eps=1e-6,
+        layer_types=(FULL,) * num_layers, rope_full=RopeConfig(theta=1_000_000.0),
+        max_position_embeddings=40960,
         hf_extra=json.dumps({"bos_token_id": 151643, "eos_token_id": 151645,
-                             "torch_dtype": "bfloat16"}))
+                             "torch_dtype": "bfloat16"}),
+        **shape)
 
 
-# MODEL_SPEC §2.
+# The published sizes (models.md §2).
+
+
+def qwen3_0p6b() -> ModelConfig:
+    return _qwen3(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                  num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def qwen3_1p7b() -> ModelConfig:
+    return _qwen3(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28,
+                  num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def qwen3_4b() -> ModelConfig:
+    return _qwen3(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
+                  num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def qwen3_8b() -> ModelConfig:
+    return _qwen3(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                  num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False)
+
+
+def qwen3_tiny() -> ModelConfig:
+    """The embedded CPU demo (configs/tiny.py): Qwen3 architecture, a few hundred K parameters;
+    the vocabulary is replaced by the tiny tokenizer's size at build time."""
+    return _qwen3(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)
+
+
 PRESETS = {
-    "qwen3-0.6b": _preset(151936, 1024, 3072, 28, 16, 8, True),
-    "qwen3-1.7b": _preset(151936, 2048, 6144, 28, 16, 8, True),
-    "qwen3-4b": _preset(151936, 2560, 9728, 36, 32, 8, True),
-    "qwen3-8b": _preset(151936, 4096, 12288, 36, 32, 8, False),
-    # The embedded CPU demo (configs/tiny.py): Qwen3 architecture, a few hundred K parameters;
-    # the vocabulary is replaced by the tiny tokenizer's size at build time.
-    "qwen3-tiny": _preset(512, 128, 384, 2, 4, 2, True, head_dim=32),
+    "qwen3-0.6b": qwen3_0p6b(),
+    "qwen3-1.7b": qwen3_1p7b(),
+    "qwen3-4b": qwen3_4b(),
+    "qwen3-8b": qwen3_8b(),
+    "qwen3-tiny": qwen3_tiny(),
 }

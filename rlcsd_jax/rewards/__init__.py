@@ -1,4 +1,4 @@
-"""Binary verifiers (RLCSD_SPEC §6): math (boxed + math-verify) and Knights & Knaves.
+"""Binary verifiers (algorithm.md §6): math (boxed + math-verify) and Knights & Knaves.
 
 ``compute_score(data_source, response, ground_truth)`` routes by data source, lower-cased: the
 K&K sources (and any source starting with ``kk_``) use the K&K grader, everything else the math

@@ -2,7 +2,7 @@
 
 Protocol: one JSON request per line on stdin, ``[gold, prediction]`` (both already wrapped in
 ``$…$``); one JSON reply per line on the original stdout: ``{"r": bool}`` or, if parse/verify
-raised, ``{"e": "<exception>"}`` so the parent can apply the string fallback of RLCSD_SPEC §6.2.
+raised, ``{"e": "<exception>"}`` so the parent can apply the string fallback of algorithm.md §6.2.
 The first line written is ``{"ready": true}`` once math-verify has been imported.  The worker
 exits when stdin closes.
 

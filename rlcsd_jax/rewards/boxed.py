@@ -1,4 +1,4 @@
-"""Extraction of the last ``\\boxed{...}`` answer (RLCSD_SPEC §6.1).
+"""Extraction of the last ``\\boxed{...}`` answer (algorithm.md §6.1).
 
 The reference searches the whole decoded response, thinking included, and the LAST box wins.
 """

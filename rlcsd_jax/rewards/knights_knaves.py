@@ -1,4 +1,4 @@
-"""Knights & Knaves grading (RLCSD_SPEC §6.4); the puzzle generator is `data.knights_knaves`.
+"""Knights & Knaves grading (algorithm.md §6.4); the puzzle generator is `data.knights_knaves`.
 
 Grading: take the last ``\\boxed{}`` of the response (none → 0), parse both it and the ground
 truth (unwrapped from its own box if it has one) into ``{name.lower(): role}`` and compare.

@@ -1,4 +1,4 @@
-"""Math answer equivalence (RLCSD_SPEC §6.2–6.3).
+"""Math answer equivalence (algorithm.md §6.2–6.3).
 
 ``math_reward(response, ground_truth)`` is 1.0 iff the LAST ``\\boxed{}`` of the response is
 equivalent to the ground truth:

@@ -1,12 +1,13 @@
 """Host-side batch building: who survives, teacher contexts, and the arrays of a micro-batch.
 
-Per method (RLCSD_SPEC §2.2, §2.3, §3): grpo has no teacher; opsd / sdpo / srpo / rlsd use the
-GT-solution teacher for every rollout; rlcsd / opsd_ectr / rlsd_ectr build self-rollout hints and
-DROP rollouts without a valid hint.  Survivors keep their order and their advantage from the
-unfiltered group, and are cut into mini-batches of the nominal size M (the per-rollout loss
-divides by M as the reference does, §4.9); `microbatch.plan` cuts each mini-batch into
-micro-batches by a token budget, and the builders below lay out one micro-batch: right-padded
-rows `[prompt | response | pad]` sized to that micro-batch, zero-mask rows filling its block.
+Per method (algorithm.md §2.2, §2.3, §3; `losses.METHODS[m].teacher_context`): grpo has no
+teacher; opsd / sdpo / srpo / rlsd use the GT-solution teacher for every rollout; rlcsd /
+opsd_ectr / rlsd_ectr build self-rollout hints and DROP rollouts without a valid hint.
+Survivors keep their order and their advantage from the unfiltered group, and are cut into
+mini-batches of the nominal size M (the per-rollout loss divides by M as the reference does,
+§4.9); `microbatch.plan` cuts each mini-batch into micro-batches by a token budget, and the
+builders below lay out one micro-batch: right-padded rows `[prompt | response | pad]` sized to
+that micro-batch, zero-mask rows filling its block.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ import dataclasses
 import numpy as np
 
 from rlcsd_jax import hints as hints_lib
+from rlcsd_jax import losses
 from rlcsd_jax.data import packing
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.trainer.rollout import PromptEncoder, Rollouts
-
-SELF_ROLLOUT_METHODS = ("rlcsd", "opsd_ectr", "rlsd_ectr")
-GT_TEACHER_METHODS = ("opsd", "sdpo", "srpo", "rlsd")
-
 
 @dataclasses.dataclass
 class Contexts:
@@ -33,25 +31,27 @@ class Contexts:
 
 
 def num_wrong_slots(method: str, k_max: int) -> int:
-    return {"rlcsd": k_max, "opsd_ectr": 1, "rlsd_ectr": 1}.get(method, 0)
+    """Wrong-hint teacher rows per rollout (the table's `wrong_hints` rule)."""
+    return losses.METHODS[method].num_wrong_slots(k_max)
 
 
 def build_contexts(method: str, rollouts: Rollouts, encoder: PromptEncoder, rng, *,
                    hint_source: str, k_max: int) -> Contexts:
     g = rollouts.group_size
     all_rows = np.arange(len(rollouts.texts))
-    if method == "grpo":
+    spec = losses.METHODS[method]
+    if spec.teacher_context is None:
         return Contexts(all_rows, None, None, {})
     groups = [hints_lib.Group(
         problem=prompts_lib.strip_legacy_wrappers(r.problem), ground_truth=r.ground_truth,
         responses=rollouts.texts[i * g:(i + 1) * g], rewards=rollouts.rewards[i * g:(i + 1) * g],
         solution=r.solution) for i, r in enumerate(rollouts.records)]
-    if method in GT_TEACHER_METHODS:
+    if spec.teacher_context == "gt_solution":
         texts = hints_lib.gt_solution_hints(groups)
         return Contexts(all_rows, [encoder.text_ids(t) for t in texts],
                         [[] for _ in texts], {})
     batch = hints_lib.build_hints(groups, rng=rng, source=hint_source, k_max=k_max,
-                                  single_wrong=method != "rlcsd")
+                                  single_wrong=spec.single_wrong)
     kept = batch.kept_indices
     targets = [batch.targets[i] for i in kept]
     return Contexts(

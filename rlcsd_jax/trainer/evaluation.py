@@ -1,4 +1,4 @@
-"""Evaluation (mean@k / pass@1 per data source, RLCSD_SPEC §5) and step metric summaries."""
+"""Evaluation (mean@k / pass@1 per data source, algorithm.md §5) and step metric summaries."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from rlcsd_jax import sampling
 from rlcsd_jax.distributed import multihost
-from rlcsd_jax.trainer import rollout
+from rlcsd_jax.trainer import reductions, rollout
 
 
 def rollout_metrics(ro: rollout.Rollouts, num_kept: int, source_names: list[str]) -> dict:
@@ -30,15 +30,12 @@ def rollout_metrics(ro: rollout.Rollouts, num_kept: int, source_names: list[str]
     return m
 
 
-def mean_metrics(per_minibatch: list[dict]) -> dict:
-    """Average loss metrics over the step's mini-batches; un-prefixed names go under train/."""
-    if not per_minibatch:
-        return {}
-    out = {}
-    for k in per_minibatch[0]:
-        name = k if "/" in k else f"train/{k}"
-        out[name] = float(np.mean([float(np.asarray(m[k])) for m in per_minibatch]))
-    return out
+def update_metrics(per_minibatch: list[dict]) -> dict:
+    """The step's update metrics from its mini-batches', each reduced as `reductions` declares
+    (counts add up, a mean is weighted by its denominator, a maximum is the largest); the
+    private denominators (`_weight`) are dropped and un-prefixed names go under train/."""
+    out = reductions.reduce(per_minibatch)
+    return {reductions.step_name(k): v for k, v in out.items() if not k.startswith("_")}
 
 
 def _per_problem_by_source(records, rewards_: np.ndarray, num_samples: int):

@@ -31,6 +31,7 @@ import dataclasses
 
 import numpy as np
 
+from rlcsd_jax import losses
 from rlcsd_jax.distributed import multihost
 from rlcsd_jax.data.packing import bucket_length
 
@@ -122,10 +123,9 @@ def _process_index(num: int) -> int:
 REFERENCE_GPUS = 8
 # seqlen_balancing.calculate_workload: 24576 * len + len^2 (a 7B model's FLOPs, up to a factor).
 WORKLOAD_PER_TOKEN = 24576
-# dp_actor.update_policy's `needs_teacher_forward`: these methods' micro-batches budget the
-# student and the teacher rows together; srpo (absent from its list) and grpo (no teacher) are
-# cut by student tokens alone.
-TEACHER_AWARE_METHODS = ("opsd", "opsd_ectr", "sdpo", "rlsd", "rlsd_ectr", "rlcsd")
+# dp_actor.update_policy's `needs_teacher_forward` (`losses.METHODS[m].reference_teacher_aware`):
+# those methods' micro-batches budget the student and the teacher rows together; srpo (absent
+# from its list) and grpo (no teacher) are cut by student tokens alone.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ class ReferenceRule:
     budget: `ppo_max_token_len_per_gpu` (`train.teacher_max_len`, the reference's per-task and
       per-method value under `config_base.reference_config`).
     rank_rows: rows of one reference GPU's share of a mini-batch (ceil(M / 8)).
-    teacher_aware: the method's teacher rows count (`TEACHER_AWARE_METHODS`).
+    teacher_aware: the method's teacher rows count (`MethodSpec.reference_teacher_aware`).
     """
 
     method: str
@@ -148,7 +148,8 @@ def reference_rule(method: str, *, budget: int, minibatch_rows: int,
                    has_teacher: bool) -> ReferenceRule:
     return ReferenceRule(method=method, budget=int(budget),
                          rank_rows=max(1, -(-int(minibatch_rows) // REFERENCE_GPUS)),
-                         teacher_aware=has_teacher and method in TEACHER_AWARE_METHODS)
+                         teacher_aware=(has_teacher
+                                        and losses.METHODS[method].reference_teacher_aware))
 
 
 def workload(lengths) -> np.ndarray:
@@ -277,11 +278,11 @@ def reference_teacher_lengths(method: str, contexts, positions, response_len, *,
     def row(prompt, length):
         return int(length) + min(len(prompt), max(int(budget) - int(length), 0))
 
-    slots = 0
-    if method == "rlcsd":
+    spec = losses.METHODS[method]
+    if spec.wrong_hints == "k_max":     # the step's most wrong hints, over every process
         slots = multihost.global_max(max((len(w) for w in contexts.wrong_prompts), default=0))
-    elif method in ("opsd_ectr", "rlsd_ectr"):
-        slots = 1
+    else:
+        slots = spec.num_wrong_slots(0)
     out = np.zeros((len(n), 1 + slots), np.int64)
     for i, (pos, length) in enumerate(zip(positions, n)):
         wrong = list(contexts.wrong_prompts[pos]) or [contexts.correct_prompts[pos]]

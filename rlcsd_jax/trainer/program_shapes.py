@@ -95,7 +95,8 @@ def _sds(shape, dtype, mesh, spec=P()) -> jax.ShapeDtypeStruct:
 
 
 def batch_array(shape, dtype, mesh, axis: int = 0) -> jax.ShapeDtypeStruct:
-    """A global array whose `axis` is the batch (over ('data', 'fsdp')), as `Trainer.put` makes."""
+    """A global array whose `axis` is the batch (over ('data', 'fsdp')), as `Trainer.to_global`
+    makes."""
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
                                 sharding=sharding.batch_sharding(mesh, len(shape), axis))
 
@@ -257,7 +258,7 @@ def student_batch_spec(rows: int, width: int, response_len: int, mesh) -> dict:
 
 
 def teacher_batch_spec(contexts: int, rows: int, width: int, k_slots: int, mesh) -> dict:
-    """`batches.teacher_arrays` after `Trainer.put` (the wrong-hint validity rides along)."""
+    """`batches.teacher_arrays` after `Trainer.to_global` (the wrong-hint validity rides along)."""
     t = lambda shape: batch_array(shape, jnp.int32, mesh, axis=1)  # noqa: E731
     return dict(input_ids=t((contexts, rows, width)), attention_mask=t((contexts, rows, width)),
                 response_start=t((contexts, rows)),

@@ -258,7 +258,7 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
     sh = shapes or step_shapes(cfg, devices, mean_response_len)
     spec = setup.step_spec(cfg, sh.response_len)
-    need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
+    need_ref = spec.need_ref
     graphdef, params = abstract_params(mcfg, mesh)
     params_c = with_dtype(params, cfg.model.dtype)
     if lower_dependent is None:
@@ -343,7 +343,7 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
         c = sh.teacher_contexts
         tparams = state.params if spec.teacher_mode == "fixed" else state.teacher
         ids_max = ids_typ = None
-        if cfg.method in ("sdpo", "srpo"):
+        if spec.method_spec.student_topk:
             def topk(shape, typical):
                 return student_program(
                     "score/student_topk", update_lib.student_topk_ids,

@@ -1,4 +1,4 @@
-"""`Trainer`: one RL training step (RLCSD_SPEC §1.6–1.7) and the run around it.
+"""`Trainer`: one RL training step (algorithm.md §1.6–1.7) and the run around it.
 
     rollouts (sampler, G per prompt) -> rewards -> GRPO advantages (unfiltered groups)
     -> hints + drops / GT teacher -> old (and ref) log-probs -> for each mini-batch:
@@ -78,7 +78,7 @@ class Trainer:
         self.minibatch_rows = cfg.train.minibatch_prompts * cfg.rollout.group_size  # global
         setup.check_mesh_batch(self.mesh, self.minibatch_rows, "a mini-batch")
         self.local_minibatch_rows = self.minibatch_rows // jax.process_count()
-        self.need_ref = dict(self.spec.hparams).get("kl_coef", 0.0) > 0
+        self.need_ref = self.spec.need_ref
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
         self.step = 0                 # training steps attempted (data / RNG position)
@@ -106,7 +106,7 @@ class Trainer:
                               "numbers for a TPU slice.)")
 
     # ------------------------------------------------------------------------------------------
-    def put(self, tree, leading_axis: int = 0):
+    def to_global(self, tree, leading_axis: int = 0):
         """This process's block of a global batch (host arrays) -> global arrays with the batch
         axis over ('data', 'fsdp')."""
         return multihost.to_global(tree, self.mesh, leading_axis)
@@ -134,7 +134,7 @@ class Trainer:
         cfg = self.cfg
 
         def static(ids, mask, key, num_samples):
-            ids, mask = self.put((ids, mask))
+            ids, mask = self.to_global((ids, mask))
             out = sampling.generate_arrays(
                 self.graphdef, params, ids, mask, key, max_new_tokens=max_new_tokens,
                 num_samples=num_samples, options=options, eos_ids=self.eos_ids,
@@ -179,13 +179,14 @@ class Trainer:
                                          k_max=cfg.teacher.k_max)
         metrics = evaluation.rollout_metrics(ro, len(ctx.kept), self.source_names)
         metrics.update(_global_hint_stats(ctx.stats, cfg.method))
-        loss_metrics, times = [], {"score": 0.0, "update": 0.0}
+        loss_metrics, counts, times = [], {}, {"score": 0.0, "update": 0.0}
         if multihost.global_sum(len(ctx.kept)):
-            loss_metrics = self._update(ro, ctx, times)
+            loss_metrics, counts = self._update(ro, ctx, times)
             self.state = dataclasses.replace(self.state, train_step=self.state.train_step + 1)
         else:
             logging.info("step %d: every rollout was dropped; no update", self.step)
-        metrics.update(evaluation.mean_metrics(loss_metrics))
+        metrics.update(evaluation.update_metrics(loss_metrics))
+        metrics.update(counts)
         if engine_stats:
             metrics.update(engine_metrics(engine_stats))
         tokens = int(multihost.global_sum(ro.lengths.sum()))
@@ -198,9 +199,10 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _update(self, ro, ctx, times) -> list[dict]:
+    def _update(self, ro, ctx, times) -> tuple[list[dict], dict]:
         """Old log-probs of every rollout, then per mini-batch: teacher scoring and the gradient
-        of each micro-batch, one optimizer step.  Returns one metrics dict per mini-batch.
+        of each micro-batch, one optimizer step.  Returns (one metrics dict per mini-batch, the
+        step's scoring token counters: student/tokens_computed ...).
 
         With `train.share_teacher_prefixes` the student and teacher scoring run each distinct
         prefix once (`shared_passes`) and hand the update host arrays; otherwise each
@@ -247,7 +249,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 teacher = {}
                 if shared_teacher is not None:
-                    teacher = self.put(shared_passes.micro_batch_slice(
+                    teacher = self.to_global(shared_passes.micro_batch_slice(
                         shared_teacher, mb.rows, mb.local_rows, mb.response_width))
                 elif spec.teacher_mode is not None:
                     if mb is micro[0]:      # each distinct prefix once per mini-batch
@@ -277,12 +279,10 @@ class Trainer:
             times["update"] += time.perf_counter() - t2
         keys = sorted(counters)         # one collective per step, not one per mini-batch
         totals = multihost.global_sum(np.asarray([counters[k] for k in keys] + truncated_tokens))
-        for mets in out:
-            mets.update({k: float(v) for k, v in zip(keys, totals[:len(keys)])})
         if spec.teacher_mode is not None:
             for mets, total in zip(out, totals[len(keys):]):
                 mets["teacher_prompt_truncated_tokens"] = float(total)
-        return out
+        return out, {k: float(v) for k, v in zip(keys, totals[:len(keys)])}
 
     def _micro_batches(self, ro, ctx, rows, positions):
         s_len, r_len = batches_lib.student_lengths(ro, rows)
@@ -314,7 +314,7 @@ class Trainer:
         """(per-rollout teacher outputs of a mini-batch, prompt tokens truncated on the left)."""
         spec, width = self.spec, ro.tokens.shape[1]
         student_ids = None
-        if self.cfg.method in ("sdpo", "srpo"):     # the live student's own top-k (§3)
+        if spec.method_spec.student_topk:     # the live student's own top-k (§3)
             ids, _ = shared_passes.student_pass(self, ro, rows, self.state.params, width=width,
                                                 top_k=spec.top_k)
             student_ids = ids["topk_ids"]
@@ -333,8 +333,8 @@ class Trainer:
         if old is not None:
             sb.update(shared_passes.micro_batch_slice(old, positions[mb.rows], mb.local_rows,
                                                       mb.response_width))
-            return self.put(sb)
-        sb = self.put(sb)
+            return self.to_global(sb)
+        sb = self.to_global(sb)
         sb.update(update_lib.old_logprobs(self.graphdef, self.state.params, self.state.ref, sb,
                                           spec=self.spec, with_ref=self.need_ref))
         counters["student/tokens_computed"] += (mb.local_rows * mb.student_width
@@ -350,11 +350,11 @@ class Trainer:
             max_len=self.cfg.train.teacher_max_len, pad_id=self.pad_id, width=mb.teacher_width)
         truncated = int(np.sum(tb.pop("truncated_prompt_tokens")))
         counters["teacher/tokens_computed"] += tb["input_ids"].size
-        wrong_valid = self.put(tb.pop("wrong_valid"))
-        tb = dict(self.put(tb, leading_axis=1), wrong_valid=wrong_valid)
+        wrong_valid = self.to_global(tb.pop("wrong_valid"))
+        tb = dict(self.to_global(tb, leading_axis=1), wrong_valid=wrong_valid)
         tparams = self.state.params if spec.teacher_mode == "fixed" else self.state.teacher
         ids = (update_lib.student_topk_ids(self.graphdef, self.state.params, sb, spec=spec)
-               if self.cfg.method in ("sdpo", "srpo") else None)
+               if spec.method_spec.student_topk else None)
         teacher = update_lib.teacher_outputs(self.graphdef, tparams, tb, ids, spec,
                                              length=mb.response_width)
         return teacher, truncated
@@ -374,7 +374,8 @@ class Trainer:
             batch_size=cfg.warm_start.batch_size, lr=cfg.warm_start.lr,
             warmup_steps=cfg.warm_start.warmup_steps, schedule=cfg.warm_start.schedule,
             seed=setup.base_seed(cfg), pad_id=self.pad_id,
-            buckets=self.teacher_buckets, put=lambda batch: self.put(multihost.local_block(batch)))
+            buckets=self.teacher_buckets,
+            put=lambda batch: self.to_global(multihost.local_block(batch)))
         self.state = state_lib.init_state(params, self.spec.tx, self.spec.teacher_mode,
                                           self.need_ref)
 

@@ -1,7 +1,7 @@
 """Rollouts: student prompts -> G samples each -> decoded text -> rewards -> GRPO advantages.
 
 Device work is one `sampling.generate_arrays` call; the host then decodes the responses (special
-tokens skipped, thinking kept, RLCSD_SPEC §2.3) and grades them (§6).  Advantages are computed on
+tokens skipped, thinking kept, algorithm.md §2.3) and grades them (§6).  Advantages are computed on
 the full, unfiltered groups (§1.5).
 """
 
@@ -106,7 +106,7 @@ def sample(generate_fn, tokenizer, encoder: PromptEncoder, records: Sequence[Rec
     texts = decode(tokenizer, out["tokens"], out["lengths"])
     reward = grade(records, texts, group_size)
     group = np.repeat(np.arange(len(records)), group_size)
-    adv = losses.grpo_advantages_np(reward, group).astype(np.float32)
+    adv = np.asarray(losses.grpo_advantages(reward, group, num_groups=len(records)), np.float32)
     return Rollouts(records=list(records), prompt_ids=ids, prompt_mask=mask,
                     tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logprobs"]),
                     lengths=np.asarray(out["lengths"]), truncated=np.asarray(out["truncated"]),
@@ -117,5 +117,5 @@ def permute_rewards(ro: Rollouts, rng: np.random.Generator) -> Rollouts:
     """A control run's rollouts: rewards shuffled across the batch (their rate kept, their link
     to the answers gone) and the GRPO advantages recomputed from them."""
     reward = rng.permutation(ro.rewards)
-    adv = losses.grpo_advantages_np(reward, ro.group).astype(np.float32)
+    adv = np.asarray(losses.grpo_advantages(reward, ro.group), np.float32)
     return dataclasses.replace(ro, rewards=reward, advantages=adv)

@@ -1,7 +1,7 @@
 """Building what a run needs from its config: mesh, tokenizer, model, data, step spec.
 
 Config semantics are resolved here, once: method defaults (teacher mode, grad clip,
-aggregation; RLCSD_SPEC §3, §4.0, §4.9), the tiny random model, K&K generation.
+aggregation; algorithm.md §3, §4.0, §4.9), the tiny random model, K&K generation.
 """
 
 from __future__ import annotations
@@ -47,20 +47,14 @@ def check_config(cfg) -> None:
     resolve_config(cfg)
 
 
-# Values the reference silently maps (RLCSD_SPEC §4.0, §8; docs/reference_differences.md):
+# Values the reference silently maps (§4.0, §8; docs/reference_differences.md):
 # here they are errors that name the key.
 def check_values(cfg) -> None:
     """Hyper-parameters outside their domain: a ValueError naming the key and what the
     reference would have done with the value instead."""
-    r = cfg.rlcsd
-    for key in ("delta", "eta"):
-        if r[key] < 0:
-            raise ValueError(f"config.rlcsd.{key}={r[key]} must be >= 0 (the reference clamps "
-                             f"it to max({key}, 0) without a word)")
-    if r.residual_clip_low > r.residual_clip_high:
-        raise ValueError(f"config.rlcsd.residual_clip_low={r.residual_clip_low} is above "
-                         f"config.rlcsd.residual_clip_high={r.residual_clip_high} (the reference "
-                         "swaps reversed bounds); give low <= high")
+    for name, method in losses.METHODS.items():     # each method's block (the table's check)
+        if method.check_hparams is not None:
+            method.check_hparams(cfg[name], f"config.{name}")
     if cfg.teacher.k_max < 1:
         raise ValueError(f"config.teacher.k_max={cfg.teacher.k_max} must be >= 1: the number "
                          "of wrong hints per rollout (the reference reads 0 as its default 4, "
@@ -119,7 +113,7 @@ def step_spec(cfg, response_len: int) -> StepSpec:
 
 def training_temperature(cfg) -> float:
     """The T of every training log-prob (old, current, reference, teacher): log-softmax of
-    logits / T at the rollout temperature, as the sampler's own log-probs (RLCSD_SPEC §1.3);
+    logits / T at the rollout temperature, as the sampler's own log-probs (§1.3);
     greedy rollouts (T = 0) are scored at T = 1, as the sampler scores them."""
     t = float(cfg.rollout.temperature)
     return t if t > 0 else 1.0
@@ -142,11 +136,17 @@ def tokenizer_dir(cfg, workdir: str) -> str:
     return path
 
 
+def model_options(cfg) -> dict:
+    """The run's model settings (dtypes, remat, layer scan, attention) as keyword arguments of
+    `models.load`, `models.config_for` and `models.get_preset`."""
+    return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
+                attention_impl=cfg.model.attention_impl)
+
+
 def build_model(cfg, tokenizer, mesh):
     """Load the checkpoint (HF or converted folder) or randomly initialise the preset."""
-    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-              remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
-              attention_impl=cfg.model.attention_impl)
+    kw = model_options(cfg)
     if cfg.model.checkpoint:
         return models.load(cfg.model.checkpoint, mesh=mesh, **kw)
     if not cfg.model.preset:
@@ -340,9 +340,7 @@ def group_rngs(seed: int, step: int, first_group: int, num_groups: int):
 
 def model_config(cfg, vocab_size: int | None = None):
     """The architecture a run will use, without loading weights."""
-    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-              remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
-              attention_impl=cfg.model.attention_impl)
+    kw = model_options(cfg)
     path = os.path.expanduser(cfg.model.checkpoint)
     if cfg.model.checkpoint and os.path.exists(os.path.join(path, "config.json")):
         return models.config_for(path, **kw)
@@ -364,9 +362,8 @@ def abstract_build(cfg) -> dict:
     graphdef, params = nnx.split(models.abstract_model(mcfg))
     shardings = sharding.param_shardings(params, mesh)
     spec = step_spec(cfg, cfg.rollout.max_new_tokens)
-    need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
     state = jax.eval_shape(
-        lambda p: state_lib.init_state(p, spec.tx, spec.teacher_mode, need_ref), params)
+        lambda p: state_lib.init_state(p, spec.tx, spec.teacher_mode, spec.need_ref), params)
 
     def nbytes(tree):
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))

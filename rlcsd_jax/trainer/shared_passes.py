@@ -27,7 +27,7 @@ def _runner(tr, params, **stat_kw):
 
     def score_fn(**arrays):
         return scoring.shared_prefix_stats(tr.graphdef, params, **arrays, **kw)
-    return dict(score_fn=score_fn, put=tr.put,
+    return dict(score_fn=score_fn, put=tr.to_global,
                 get=functools.partial(multihost.to_host_local, mesh=tr.mesh), pad_id=tr.pad_id)
 
 
@@ -72,19 +72,19 @@ def teacher_pass(tr, ro, ctx, rows: np.ndarray, positions: np.ndarray, tparams, 
         trailing = () if key in ("logp", "entropy") else (spec.top_k,)
         return shared.per_rollout(plan, out, key, n, contexts, width, trailing)
 
-    counters = []
-    if m in ("sdpo", "srpo"):
-        plan, out = score(correct, at_ids=student_ids, entropy=(m == "srpo"))
+    counters, ms = [], spec.method_spec
+    if ms.student_topk:
+        plan, out = score(correct, at_ids=student_ids, entropy=ms.teacher_entropy)
         counters.append(plan.counters())
         res = {"teacher_topk_logp": arrays(plan, out, "at_ids_logp")[0], "topk_ids": student_ids}
-        if m == "srpo":
+        if ms.teacher_entropy:
             res["teacher_entropy"] = arrays(plan, out, "entropy")[0]
-    elif m in ("opsd", "opsd_ectr"):
+    elif ms.teacher_scoring == "teacher_topk":
         plan, out = score(correct, top_k=spec.top_k)
         counters.append(plan.counters())
         res = {"teacher_topk_logp": arrays(plan, out, "topk_logp")[0],
                "topk_ids": arrays(plan, out, "topk_ids")[0]}
-        if m == "opsd_ectr":
+        if ms.wrong_hints == "one":       # the wrong context at the teacher's top-k ids
             plan, out = score(wrong, at_ids=res["topk_ids"])
             counters.append(plan.counters())
             res["teacher_wrong_topk_logp"] = arrays(plan, out, "at_ids_logp", 2)[1]
@@ -92,11 +92,11 @@ def teacher_pass(tr, ro, ctx, rows: np.ndarray, positions: np.ndarray, tparams, 
         plan, out = score(all_rows)
         counters.append(plan.counters())
         logp = arrays(plan, out, "logp", 1 + k_slots)
-        if m == "rlsd":
+        if ms.wrong_hints == "none":
             res = {"teacher_logp": logp[0]}
-        elif m == "rlsd_ectr":
+        elif ms.wrong_hints == "one":
             res = {"teacher_correct_logp": logp[0], "teacher_wrong_logp": logp[1]}
-        else:   # rlcsd
+        else:   # up to k_max wrong hints
             valid = np.zeros((n, k_slots), bool)
             for i, p in enumerate(positions):
                 valid[i, :len(ctx.wrong_prompts[p])] = True

@@ -29,9 +29,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from rlcsd_jax import scoring
+from rlcsd_jax import losses, scoring
 from rlcsd_jax.models import flash
-from rlcsd_jax.trainer import batches as batches_lib
 from rlcsd_jax.trainer import program_shapes as programs_lib
 from rlcsd_jax.trainer import shared_scoring
 
@@ -159,7 +158,8 @@ def estimate_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) -> SharedT
     hint (self-rollout methods; one ground-truth prefix per group otherwise), a teacher prefix
     = mean prompt + TEMPLATE_TOKENS + a mean response."""
     rows = sh.prompts * sh.group
-    prefixes = rows if cfg.method in batches_lib.SELF_ROLLOUT_METHODS else sh.prompts
+    self_rollout = losses.METHODS[cfg.method].teacher_context == "self_rollout"
+    prefixes = rows if self_rollout else sh.prompts
     mean_p = min(_mean_prompt(cfg, sh) + TEMPLATE_TOKENS + sh.mean_response_len,
                  cfg.train.teacher_max_len - 1)
     return _estimate(cfg, mcfg, shards, sh, prefixes=prefixes, rows=rows * sh.teacher_contexts,
@@ -175,12 +175,13 @@ def estimate_student_typical(cfg, mcfg, shards: int, sh: programs_lib.Shapes) ->
 def _passes(method: str, top_k: int) -> list[tuple[str, dict, bool, float]]:
     """(name suffix, static keywords, takes at_ids, share of the step's teacher rows) of each
     scoring pass of `method` (as `shared_passes.teacher_pass` runs them)."""
-    if method in ("sdpo", "srpo"):
-        return [("", dict(entropy=method == "srpo"), True, 1.0)]
-    if method == "opsd":
-        return [("", dict(top_k=top_k), False, 1.0)]
-    if method == "opsd_ectr":
+    ms = losses.METHODS[method]
+    if ms.student_topk:
+        return [("", dict(entropy=ms.teacher_entropy), True, 1.0)]
+    if ms.teacher_scoring == "teacher_topk" and ms.wrong_hints == "one":
         return [("", dict(top_k=top_k), False, 0.5), ("_wrong", {}, True, 0.5)]
+    if ms.teacher_scoring == "teacher_topk":
+        return [("", dict(top_k=top_k), False, 1.0)]
     return [("", {}, False, 1.0)]
 
 
@@ -247,7 +248,7 @@ def student_programs(rs: programs_lib.RunSetup, *, graphdef, state, spec, shards
     passes = [("score/student_shared", state.params, dict(top_k=0, entropy=True), False, 1.0)]
     if need_ref:
         passes.append(("score/ref_shared", state.ref, dict(top_k=0, entropy=False), False, 1.0))
-    if cfg.method in ("sdpo", "srpo"):
+    if spec.method_spec.student_topk:
         passes.append(("score/student_topk_shared", state.params,
                        dict(top_k=spec.top_k, entropy=False), False, 1.0))
     width = shared_scoring.widest_row(cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
@@ -267,8 +268,7 @@ def standalone(rs: programs_lib.RunSetup, *, mean_response_len: int | None = Non
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     sh = shapes or programs_lib.step_shapes(cfg, shards, mean_response_len)
     spec = setup.step_spec(cfg, sh.response_len)
-    need_ref = dict(spec.hparams).get("kl_coef", 0.0) > 0
     graphdef, params = programs_lib.abstract_params(rs.model_config, mesh)
-    state = programs_lib.abstract_state(params, spec, need_ref, mesh)
+    state = programs_lib.abstract_state(params, spec, spec.need_ref, mesh)
     return teacher_programs(rs, graphdef=graphdef, state=state, spec=spec, shards=shards, sh=sh,
                             typical=typical)

@@ -1,7 +1,7 @@
 """Train state (a plain pytree), the optimizer, the learning-rate schedule and teacher weights.
 
 AdamW is built as `clip -> scale_by_adam -> add_decayed_weights` with the learning rate applied
-by the update step, so the schedule is indexed by TRAINING steps (RLCSD_SPEC §5, §11) and passed
+by the update step, so the schedule is indexed by TRAINING steps (algorithm.md §5, §11) and passed
 in per call, not counted in optimizer updates.
 
 Precision (`model.param_dtype`, docs/precision.md): the parameters, the Adam moments and the

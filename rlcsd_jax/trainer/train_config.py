@@ -1,4 +1,4 @@
-"""Shared defaults for every training config (RLCSD_SPEC §0, §1, §3, §4.0, §5).
+"""Shared defaults for every training config (algorithm.md §0, §1, §3, §4.0, §5).
 
 A config file in `configs/` calls `get_base_config()`, sets the model / data / mesh fields that
 differ, and returns the locked ConfigDict.  Method-specific loss hyper-parameters live under the
@@ -22,7 +22,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # The base model's seed: random init and supervised warm start (-1 = seed).  A fixed value
     # makes `seed` vary the RL run only, like RL runs from one pretrained checkpoint.
     c.base_seed = -1
-    c.method = "rlcsd"                     # one of METHODS
+    c.method = losses.DEFAULT_METHOD       # one of METHODS (rlcsd)
 
     # Model: `checkpoint` = an HF folder or a converted folder; empty = random init of `preset`.
     c.model = ml_collections.ConfigDict(dict(
@@ -115,25 +115,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# The reference's `ppo_max_token_len_per_gpu` (RLCSD_SPEC §2.4, §5): the token budget of a
+# The reference's `ppo_max_token_len_per_gpu` (§2.4, §5): the token budget of a
 # teacher sequence (prompt + response; the prompt is cut from the left beyond it) and of its
 # micro-batches.  40,960 in every distillation config but Qwen3-4B's Knights & Knaves sdpo and
-# srpo configs (32,768); the grpo configs leave it unset (max prompt + max response).
-REFERENCE_TOKEN_BUDGET = 40960
-REFERENCE_TOKEN_BUDGET_EXCEPTIONS = {("logic", "qwen3-4b", "sdpo"): 32768,
-                                     ("logic", "qwen3-4b", "srpo"): 32768}
-
-
+# srpo configs (32,768); the grpo configs leave it unset (max prompt + max response).  The
+# values are the method table's (`MethodSpec.reference_budget`, `reference_budget_exceptions`).
 def reference_token_budget(task: str, preset: str, method: str, *, max_prompt_len: int,
                            max_response_len: int) -> int:
     """The reference's token budget for a (task, model preset, method) run (see above)."""
-    if method == "grpo":
-        return max_prompt_len + max_response_len
-    return REFERENCE_TOKEN_BUDGET_EXCEPTIONS.get((task, preset, method), REFERENCE_TOKEN_BUDGET)
+    return losses.METHODS[method].reference_token_budget(
+        task, preset, max_prompt_len=max_prompt_len, max_response_len=max_response_len)
 
 
 # Reference data layout (`scripts/download_data.py` of the reference places each file at
-# data/verl/<name>/{train,val}.parquet, RLCSD_SPEC §7).
+# data/verl/<name>/{train,val}.parquet, §7).
 MATH_EVAL = "data/verl/amc23+aime24+aime25/val.parquet"
 LOGIC_TRAIN = "data/verl/kk_4to8/train.parquet"
 LOGIC_EVAL = "data/verl/kk_4to8_test+kk_9+kk_10+kk_11/val.parquet"

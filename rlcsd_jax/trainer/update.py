@@ -4,7 +4,7 @@ The update of one mini-batch runs as micro-batches (`trainer.microbatch`): `accu
 adds each micro-batch's gradient into an fp32 accumulator, `apply_grads` then takes the one
 optimizer step.  Micro-batching does not change the loss: under per-rollout aggregation each
 micro-batch contributes the sum of its rollouts' losses divided by the NOMINAL mini-batch size
-M (as the reference does, RLCSD_SPEC §4.9); under batch aggregation a token-mean loss is
+M (as the reference does, algorithm.md §4.9); under batch aggregation a token-mean loss is
 weighted by the micro-batch's share of the mini-batch's response tokens, and the losses that
 are not a single token-mean (`losses.METHODS[m].token_mean_loss` False) get the whole
 mini-batch in one micro-batch.  Under reference_micro_batch aggregation the micro-batches are
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlcsd_jax import losses, scoring
+from rlcsd_jax.trainer import reductions
 from rlcsd_jax.trainer import state as state_lib
 
 
@@ -55,9 +56,15 @@ class StepSpec:
     def tx(self):
         return state_lib.make_optimizer(self.grad_clip, *self.adam)
 
+    @property
+    def method_spec(self) -> losses.MethodSpec:
+        """The method's entry in the method table (`losses.METHODS`)."""
+        return losses.METHODS[self.method]
 
-# Which student statistic each method's loss needs, and how teacher outputs map to loss args.
-TOPK_METHODS = ("opsd", "sdpo", "srpo", "opsd_ectr")
+    @property
+    def need_ref(self) -> bool:
+        """A reference model is kept: its log-probs feed the KL term (algorithm.md §4.10)."""
+        return self.method_spec.needs_reference(self.hparams)
 
 
 def student_stats(graphdef, params, batch, spec: StepSpec, *, top_k=0, at_ids=None,
@@ -97,42 +104,43 @@ def teacher_outputs(graphdef, teacher_params, tbatch, student_ids, spec: StepSpe
     kw = dict(graphdef=graphdef, length=length, chunk=spec.chunk, right_padded=True,
               temperature=spec.temperature)
     ids, mask, start = tbatch["input_ids"], tbatch["attention_mask"], tbatch["response_start"]
-    m = spec.method
-    if m in ("sdpo", "srpo"):
+    ms = spec.method_spec
+    if ms.teacher_scoring is None:
+        raise ValueError(f"method {spec.method!r} has no teacher")
+    if ms.student_topk:
         out = scoring.score(params=teacher_params, input_ids=ids[:1], attention_mask=mask[:1],
                             response_start=start[:1], at_ids=student_ids,
-                            entropy=(m == "srpo"), **kw)
+                            entropy=ms.teacher_entropy, **kw)
         res = {"teacher_topk_logp": out["at_ids_logp"][0], "topk_ids": student_ids}
-        if m == "srpo":
+        if ms.teacher_entropy:
             res["teacher_entropy"] = out["entropy"][0]
         return res
-    if m in ("opsd", "opsd_ectr"):
+    if ms.teacher_scoring == "teacher_topk":
         c = scoring.score(params=teacher_params, input_ids=ids[:1], attention_mask=mask[:1],
                           response_start=start[:1], top_k=spec.top_k, **kw)
         res = {"teacher_topk_logp": c["topk_logp"][0], "topk_ids": c["topk_ids"][0]}
-        if m == "opsd_ectr":
+        if ms.wrong_hints == "one":       # the wrong context at the teacher's top-k ids
             w = scoring.score(params=teacher_params, input_ids=ids[1:2], attention_mask=mask[1:2],
                               response_start=start[1:2], at_ids=res["topk_ids"], **kw)
             res["teacher_wrong_topk_logp"] = w["at_ids_logp"][0]
         return res
     out = scoring.score(params=teacher_params, input_ids=ids, attention_mask=mask,
                         response_start=start, **kw)["logp"]
-    if m == "rlsd":
+    if ms.wrong_hints == "none":
         return {"teacher_logp": out[0]}
-    if m == "rlsd_ectr":
+    if ms.wrong_hints == "one":
         return {"teacher_correct_logp": out[0], "teacher_wrong_logp": out[1]}
-    if m == "rlcsd":
-        return {"teacher_correct_logp": out[0],
-                "teacher_wrong_logp": jnp.moveaxis(out[1:], 0, 1),   # [M, K, N]
-                "wrong_valid": tbatch["wrong_valid"]}
-    raise ValueError(f"method {m!r} has no teacher")
+    return {"teacher_correct_logp": out[0],                           # up to k_max wrong hints
+            "teacher_wrong_logp": jnp.moveaxis(out[1:], 0, 1),        # [M, K, N]
+            "wrong_valid": tbatch["wrong_valid"]}
 
 
 def _loss(params, graphdef, batch, teacher, token_total, spec: StepSpec):
     """The method's loss on one micro-batch, scaled so the micro-batches of a mini-batch add up
-    to the mini-batch's loss; returns (loss, metrics with their `_weight`)."""
+    to the mini-batch's loss; returns (loss, metrics with their `_weight`: the units its
+    metrics' means are over, `reductions.LOSS_UNITS`)."""
     m = spec.method
-    at_ids = teacher.get("topk_ids") if m in TOPK_METHODS else None
+    at_ids = teacher.get("topk_ids") if spec.method_spec.uses_topk else None
     stats = student_stats(graphdef, params, batch, spec, at_ids=at_ids)
     mask = batch["response_mask"]
     args = dict(mask=mask)
@@ -142,10 +150,9 @@ def _loss(params, graphdef, batch, teacher, token_total, spec: StepSpec):
     pool.update({k: v for k, v in teacher.items() if k != "topk_ids"})
     for k in needed - {"mask"}:
         args[k] = pool[k]
-    if m in ("opsd", "opsd_ectr"):
-        args["logp"] = stats["logp"]          # only for the KL term
+    args["logp"] = stats["logp"]              # every loss takes it (opsd*: for the KL term only)
     hp = dict(spec.hparams)
-    if hp.get("kl_coef", 0.0) > 0:
+    if spec.need_ref:
         args["ref_logp"] = batch["ref_logp"]
     if spec.rollout_is is not None:
         mode, threshold = spec.rollout_is
@@ -158,7 +165,7 @@ def _loss(params, graphdef, batch, teacher, token_total, spec: StepSpec):
         weight = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))   # live rollouts
     elif spec.aggregation == "reference_micro_batch":
         loss, metrics = losses.micro_batch(fn)(rollout_denominator=spec.minibatch_rows, **args)
-        weight = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))   # live rollouts
+        weight = tokens         # its metrics are the loss function's, over the micro-batch
     else:
         loss, metrics = fn(**args)
         loss = loss * tokens / jnp.maximum(token_total, 1.0)
@@ -194,21 +201,15 @@ def apply_grads(state: state_lib.TrainState, grads, lr, nan_grad, *, spec: StepS
 
 
 def combine_metrics(per_micro_batch: list[dict]) -> dict:
-    """One mini-batch's metrics from its micro-batches': losses and counts (`*_count`) add up,
-    everything else is a mean weighted by the micro-batch's `_weight` (live rollouts under
-    per-rollout and reference_micro_batch aggregation, response tokens under batch
-    aggregation)."""
+    """One mini-batch's metrics from its micro-batches': the losses are shares of the
+    mini-batch's loss and add up; every other metric reduces as `reductions` declares (counts
+    add up, maxima take the largest, the loss function's means are weighted by the
+    micro-batch's `_weight`: live rollouts under per-rollout aggregation, response tokens
+    under batch and reference_micro_batch aggregation).  `_weight` stays, summed, for the
+    mini-batch -> step reduction."""
     import numpy as np
 
-    weights = np.asarray([float(m["_weight"]) for m in per_micro_batch])
-    total = max(weights.sum(), 1e-12)
-    out = {}
-    for key in per_micro_batch[0]:
-        if key == "_weight":
-            continue
-        values = np.asarray([float(np.asarray(m[key])) for m in per_micro_batch])
-        if key == "loss" or key.endswith("_count"):
-            out[key] = float(values.sum())
-        else:
-            out[key] = float((values * weights).sum() / total)
+    out = reductions.reduce([{k: v for k, v in m.items() if k != "loss"}
+                             for m in per_micro_batch])
+    out["loss"] = float(sum(float(np.asarray(m["loss"])) for m in per_micro_batch))
     return out

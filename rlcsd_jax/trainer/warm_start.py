@@ -94,8 +94,8 @@ def warm_start(graphdef, params, examples, *, steps: int, batch_size: int, lr: f
     dtypes = jax.tree.map(lambda x: x.dtype, params)
     params = jax.tree.map(lambda x: x.astype(jnp.float32)
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
-                     optax.add_decayed_weights(0.0))
+    # The RL optimizer's chain with optax's Adam defaults, clipping at 1 and no weight decay.
+    tx = state_lib.make_optimizer(grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
     opt_state = tx.init(params)
     rng = np.random.default_rng([seed, 12345])
     max_resp = max(len(r) for _, r in examples)

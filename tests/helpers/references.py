@@ -30,7 +30,7 @@ def gather_response_logprobs(scores, input_ids, prompt_lens, response_lens, num_
 
     ``scores[B, S, V]`` are log-probs (or logits with ``is_logits=True``; log-softmaxed here).
     ``out[b, j] = scores[b, Lp_b − 1 + j, input_ids[b, Lp_b + j]]`` for ``j < L_b`` and 0 after,
-    with Lp_b, L_b from THIS row only (§2.5).
+    with Lp_b, L_b from THIS row only (algorithm.md §2.5).
     """
     scores = np.asarray(scores)
     if is_logits:
@@ -42,3 +42,21 @@ def gather_response_logprobs(scores, input_ids, prompt_lens, response_lens, num_
     vals = scores[np.arange(b)[:, None], pos, tok].astype(np.float64)
     live = np.arange(num_tokens)[None, :] < np.asarray(response_lens)[:, None]
     return np.where(live, vals, 0.0)
+
+
+def grpo_advantages(rewards, group_ids) -> np.ndarray:
+    """Reference (NumPy, float64) GRPO advantages (§1.5), ``[N], [N] -> [N]``.
+
+    ``A_i = (r_i − mean_g) / (std_g + 1e-6)`` with the Bessel-corrected std of the group; a group
+    of one uses mean 0 and std 1. ``group_ids`` may be any hashable labels.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    labels = np.asarray(group_ids)
+    seg = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    out = np.empty_like(rewards)
+    for g in np.unique(seg):
+        idx = np.nonzero(seg == g)[0]
+        r = rewards[idx]
+        mean, std = (0.0, 1.0) if len(idx) == 1 else (r.mean(), r.std(ddof=1))
+        out[idx] = (r - mean) / (std + 1e-6)
+    return out

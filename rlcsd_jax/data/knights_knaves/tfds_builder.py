@@ -1,6 +1,6 @@
 """A TFDS builder for generated Knights & Knaves sets (imports TensorFlow Datasets: load lazily).
 
-Configs and splits mirror the reference's K&K files (RLCSD_SPEC §5, §7):
+Configs and splits mirror the reference's K&K files (algorithm.md §5, §7):
   kk_4to8   train (4–8 people, 1000 per size) and test (100 per size = 500; data source
             ``kk_4to8_test``)
   kk_3to7   the same for 3–7 people

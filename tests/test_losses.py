@@ -1,7 +1,7 @@
 """Loss registry vs independent NumPy float64 implementations of algorithm.md §4.1–4.8.
 
-The NumPy side below is written from the spec's formulas (loops where that reads closer to the
-spec), not from the JAX code. The JAX side runs under ``jax.enable_x64`` so both sides are
+The NumPy side below is written from docs/algorithm.md's formulas (loops where that reads
+closer to them), not from the JAX code. The JAX side runs under ``jax.enable_x64`` so both sides are
 float64: the loss then agrees to rounding (~1e-15) and the JAX gradient agrees with a central
 finite difference (step 1e-6, truncation error O(1e-12), cancellation O(1e-10)); rtol 1e-5 /
 atol 1e-8 is therefore loose enough to never flake and tight enough to catch any formula slip
@@ -23,7 +23,7 @@ RTOL, ATOL = 1e-5, 1e-8
 
 
 # ----------------------------------------------------------------------------------------------
-# NumPy float64 reference (spec formulas)
+# NumPy float64 reference (algorithm.md §4 formulas)
 
 
 def np_lse(x, axis=-1):

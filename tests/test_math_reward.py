@@ -1,6 +1,6 @@
 """Math verifier (algorithm.md §6.1–6.3): a table of answers and a hostile-input budget test.
 
-Expected values follow the spec: last box wins (thinking included), the simple-number fast path
+Expected values follow docs/algorithm.md §6: last box wins (thinking included), the simple-number fast path
 (spaces and commas removed, unicode minus, degree markers) compares Decimals, everything else goes
 to math-verify, and a missing or malformed last box scores 0.
 """

@@ -1,6 +1,6 @@
 """A run killed (SIGKILL) after a checkpoint, or preempted (SIGTERM) between steps or during a
 step's sampling phase, resumes to the bitwise-same parameters as an uninterrupted run with the
-same seed (issues: runs that survive; 21, preemption within seconds).
+same seed; a preemption during sampling stops within seconds.
 
 Real `python -m rlcsd_jax.train` processes (through tests/helpers/train_driver.py, which only swaps in
 deterministic fake answers so rlcsd has rollouts to keep).

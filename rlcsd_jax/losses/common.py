@@ -19,16 +19,19 @@ TAIL_LOGMASS_CAP = -1e-7
 
 
 def masked_sum(x, mask):
-    """Σ x over positions where ``mask > 0``; other positions contribute exactly 0."""
+    """Σ x over positions where ``mask > 0`` (x, mask: ``[B, T]``) -> scalar; other positions
+    contribute exactly 0, even when they hold inf or NaN."""
     return jnp.sum(jnp.where(mask > 0, x, 0.0))
 
 
 def token_count(mask):
+    """Number of positions with ``mask > 0`` (``mask[B, T]``) -> scalar float."""
     return jnp.sum(jnp.where(mask > 0, 1.0, 0.0))
 
 
 def masked_mean(x, mask):
-    """Token-mean = Σ(mask·x) / max(Σmask, 1) (spec notation), NaN-safe."""
+    """Token-mean Σ(mask·x) / max(Σmask, 1) of ``x[B, T]`` -> scalar; NaN-safe (algorithm.md
+    notation)."""
     return masked_sum(x, mask) / jnp.maximum(token_count(mask), 1.0)
 
 
@@ -160,7 +163,8 @@ def add_kl(loss, metrics, *, method, logp, ref_logp, kl_coef, mask):
 
 
 def apply_is(per_token, is_weights, mask):
-    """Multiply rollout IS weights (stop-gradient) into a per-token loss; identity when None (§8).
+    """``per_token[B, T]`` times the rollout IS weights ``is_weights[B, T]`` (stop-gradient);
+    identity when None (§8).
 
     Applied to the policy/distillation term only, not to the k3 KL term (as verl does)."""
     if is_weights is None:
@@ -190,7 +194,8 @@ def rollout_is_weights(old_logp, rollout_logp, mask, mode="token", threshold=2.0
 
 
 def pg_metrics(*, logp, old_logp, mask, clipped):
-    """Metrics common to the policy-gradient losses (verl names)."""
+    """Metrics common to the policy-gradient losses (verl names), scalars from ``logp`` /
+    ``old_logp`` / ``mask`` / ``clipped`` ``[B, T]``."""
     return {
         "pg_clipfrac": masked_mean(clipped.astype(logp.dtype), mask),
         "ppo_kl": masked_mean(stop_gradient(old_logp) - stop_gradient(logp), mask),

@@ -51,7 +51,7 @@ class MethodSpec:
     # "reference_micro_batch" (the reference's token-budget micro-batches, each normalised on
     # its own: `trainer.microbatch.ReferenceRule`).  sdpo and srpo default to the reference's:
     # their normalisation spans the several rollouts of a reference micro-batch (srpo's entropy
-    # weights and shared denominator, sdpo's token-mean; issue 20).  The other distillation
+    # weights and shared denominator, sdpo's token-mean).  The other distillation
     # methods default to per-rollout.  A reference micro-batch of the ECTR variants or rlcsd
     # (several teacher rows per rollout) mostly holds one rollout; opsd's and rlsd's hold 1 to
     # 3, like sdpo's (docs/reference_differences.md).

@@ -35,7 +35,9 @@ ECTR_EXP_CLAMP = 60.0
 def grpo(*, logp, old_logp, advantages, mask, clip_ratio_low=0.2, clip_ratio_high=0.2,
          clip_ratio_c=3.0, ref_logp=None, kl_coef=0.001, is_weights=None):
     """GRPO / verl ``vanilla`` policy loss (§4.1): dual clip, log-ratio clamp ±20, token-mean,
-    plus ``kl_coef · token-mean(k3)`` (0.001 by default, §4.0; needs ``ref_logp``)."""
+    plus ``kl_coef · token-mean(k3)`` (0.001 by default, §4.0; needs ``ref_logp``).
+
+    logp / old_logp / ref_logp / mask ``[B, T]``, advantages ``[B]``; returns (scalar, metrics)."""
     logp, old_logp, ref_logp = (zero_where_masked(x, mask) for x in (logp, old_logp, ref_logp))
     adv = stop_gradient(broadcast_adv(advantages, logp))
     per_tok, clipped, dual, _ = dual_clip_terms(

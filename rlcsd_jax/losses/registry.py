@@ -1,5 +1,5 @@
 """Loss registry, per-method defaults, per-rollout and micro-batch aggregation (algorithm.md §4.0,
-§4.9; issue 20).
+§4.9).
 
 ``get(name)`` returns a pure function ``(**arrays, **hparams) -> (scalar_loss, metrics)``.
 ``DEFAULTS[name]`` holds its hyper-parameter defaults (the shipped CONFIG values of §4.0, read

@@ -20,14 +20,14 @@ def rollout_metrics(ro: rollout.Rollouts, num_kept: int, source_names: list[str]
     rewards, lengths, truncated, sources = multihost.allgather_columns(
         ro.rewards, ro.lengths, ro.truncated,
         [index[r.data_source] for r in ro.records for _ in range(ro.group_size)])
-    m = {"train/reward_mean": float(rewards.mean()),
+    metrics = {"train/reward_mean": float(rewards.mean()),
          "train/response_length_mean": float(lengths.mean()),
          "train/response_length_max": float(lengths.max()),
          "train/truncation_ratio": float(truncated.mean()),
          "train/kept_ratio": multihost.global_sum(num_kept) / max(len(rewards), 1)}
     for i in sorted(set(sources.astype(int).tolist())):
-        m[f"train/acc/{source_names[i]}"] = float(rewards[sources == i].mean())
-    return m
+        metrics[f"train/acc/{source_names[i]}"] = float(rewards[sources == i].mean())
+    return metrics
 
 
 def update_metrics(per_minibatch: list[dict]) -> dict:

@@ -118,22 +118,22 @@ def run(cfg, workdir: str) -> dict:
         position = tr.iterator.get_state()
         records = next(tr.iterator)
         try:
-            m = tr.train_step(records)
+            metrics = tr.train_step(records)
         except Preempted:
             tr.iterator.set_state(position)   # this step's batch is drawn again on resume
             save(tr.step, force=True)
             return stop("preemption during the step")
         step = tr.step
-        rewards.append(m["train/reward_mean"])
+        rewards.append(metrics["train/reward_mean"])
         if summary.get("reward_first") is None:
-            summary["reward_first"] = m["train/reward_mean"]
-        tokens += m["perf/tokens_per_s"] * m["time/step"]
+            summary["reward_first"] = metrics["train/reward_mean"]
+        tokens += metrics["perf/tokens_per_s"] * metrics["time/step"]
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.num_steps:
-            m.update(tr.evaluate())
-        logger.write(step, m)
+            metrics.update(tr.evaluate())
+        logger.write(step, metrics)
         logger.on_step(step)
         preempted = watcher.should_stop(step)
-        save(step, metrics={k: v for k, v in m.items() if k.startswith("eval/")},
+        save(step, metrics={k: v for k, v in metrics.items() if k.startswith("eval/")},
              force=preempted or clock.due())
         if preempted:
             return stop("preemption")

@@ -213,11 +213,11 @@ def step_shapes(cfg, batch_devices: int, mean_response_len: int | None = None) -
     has_teacher = setup.teacher_mode(cfg) is not None
     budget, n = cfg.train.micro_batch_tokens, cfg.rollout.max_new_tokens
     bucket = lambda x: packing.bucket_length(x, buckets)  # noqa: E731
-    m = cfg.train.minibatch_prompts * cfg.rollout.group_size
+    minibatch_rows = cfg.train.minibatch_prompts * cfg.rollout.group_size
     split = setup.split_minibatches(cfg)
 
     # at most the mini-batch, in whole power-of-two rows per device (`microbatch.plan`)
-    most = _pow2(-(-m // batch_devices)) * batch_devices
+    most = _pow2(-(-minibatch_rows // batch_devices)) * batch_devices
 
     def micro(student: int, teacher: int, response: int) -> MicroShape:
         ws, wt = bucket(student), bucket(teacher) if teacher else 0
@@ -235,9 +235,10 @@ def step_shapes(cfg, batch_devices: int, mean_response_len: int | None = None) -
     return Shapes(
         prompts=cfg.rollout.prompts_per_step, group=cfg.rollout.group_size,
         prompt_width=packing.bucket_length(cfg.data.max_prompt_len, prompt_buckets),
-        response_len=n, minibatch_rows=m, teacher_contexts=1 + k_slots,
+        response_len=n, minibatch_rows=minibatch_rows, teacher_contexts=1 + k_slots,
         student_max=student_max, teacher_max=teacher_max, typical=typical,
-        typical_micro_batches=-(-m // typical.rows), mean_student_len=mean_prompt + mean_n,
+        typical_micro_batches=-(-minibatch_rows // typical.rows),
+        mean_student_len=mean_prompt + mean_n,
         mean_teacher_len=mean_teacher, mean_response_len=mean_n,
         eval_prompts=cfg.eval.batch_prompts, eval_samples=setup.eval_samples(cfg),
         eval_response_len=cfg.eval.max_new_tokens, mean_prompt_len=mean_prompt)

@@ -35,7 +35,7 @@ from rlcsd_jax.trainer import update as update_lib
 from rlcsd_jax.trainer import warm_start
 
 
-# --- preemption hook (issue 21; used by trainer/run.py) ---------------------------------------
+# --- preemption hook (used by trainer/loop.py) -----------------------------------------------
 class Preempted(Exception):
     """`train_step` stopped right after sampling because `should_stop()` said so; nothing was
     updated, so the state is still that of the last completed step (`args[0]` = self.step)."""
@@ -170,7 +170,7 @@ class Trainer:
             ro = rollout.permute_rewards(ro, setup.reward_permutation_rng(cfg.seed, self.step))
         t_sample = time.perf_counter()
         engine_stats, self.engine_stats = self.engine_stats, None
-        if self.should_stop is not None and self.should_stop():   # preemption hook (issue 21)
+        if self.should_stop is not None and self.should_stop():   # preemption hook
             raise Preempted(self.step)
         rngs = setup.group_rngs(cfg.seed, self.step, jax.process_index() * len(records),
                                 len(records))
@@ -294,7 +294,7 @@ class Trainer:
                                devices_per_process=setup.batch_devices_per_process(self.mesh),
                                buckets=self.teacher_buckets,
                                split=setup.split_minibatches(self.cfg),
-                               # the reference's grouping counts the teacher rows (issue 20)
+                               # the reference's grouping counts the teacher rows
                                contexts=ctx, positions=positions)
 
     def _shared_old_logprobs(self, ro, kept, counters) -> dict:

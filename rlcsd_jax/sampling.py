@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rlcsd_jax.data.packing import bucket_length  # noqa: F401 (callers use sampling's)
+from rlcsd_jax.distributed import sharding
 from rlcsd_jax.inference import programs as engine_programs
 from rlcsd_jax.inference.engine import generate_batch
 from rlcsd_jax.inference.pages import kv_budget_tokens_for_bytes
@@ -65,8 +66,6 @@ class GenerationOutput:
 
 
 def _cache_sharding(mesh, shape):
-    from rlcsd_jax.distributed import sharding
-
     spec = sharding.logical_to_spec(("layers", "batch", "length", "kv_heads", "head_dim"),
                                     shape, mesh)
     return jax.sharding.NamedSharding(mesh, spec)

@@ -42,9 +42,14 @@ import tempfile
 
 import numpy as np
 
+from rlcsd_jax import hints, sampling
+from rlcsd_jax import losses
 from rlcsd_jax.data import storage
 from rlcsd_jax.analysis.style_report import (pick_row, render_png, render_table, token_stats,
                                     top_tokens)
+from rlcsd_jax.data.packing import bucket_length
+from rlcsd_jax.rewards import last_boxed
+from rlcsd_jax.trainer import batches, rollout, setup, update
 
 log = logging.getLogger("rlcsd_jax.analysis.style_drift")
 
@@ -74,8 +79,6 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
     """
     import jax
 
-    from rlcsd_jax import hints, sampling
-    from rlcsd_jax.trainer import batches, rollout, setup
 
     cfg = trainer.cfg
     g = group_size or cfg.rollout.group_size
@@ -144,8 +147,6 @@ def collect_signals(trainer, records, *, group_size: int = 0, max_new_tokens: in
 
 
 def _why_dropped(ro, ctx) -> str:
-    from rlcsd_jax.rewards import last_boxed
-
     g = ro.group_size
     groups = ro.rewards.reshape(-1, g) > 0
     boxed = sum(last_boxed(t) is not None for t in ro.texts)
@@ -158,8 +159,6 @@ def signal_method(with_ctr: bool) -> str:
     """The method whose contexts and teacher log-probs give the signals (from the method
     table): with e_ctr, self-rollout contexts with up to k_max wrong hints (rlcsd); e_c alone,
     the GT-solution context (rlsd)."""
-    from rlcsd_jax import losses
-
     if with_ctr:
         return losses.find(teacher_context="self_rollout", wrong_hints="k_max",
                            teacher_scoring="logp")
@@ -170,9 +169,6 @@ def _score_signals(trainer, ro, ctx, *, k_max: int, with_ctr: bool):
     """e_c, e_ctr [R', N] for the kept rows, in mini-batches of the trainer's nominal size."""
     import jax
 
-    from rlcsd_jax import losses
-    from rlcsd_jax.data.packing import bucket_length
-    from rlcsd_jax.trainer import batches, update
 
     method = signal_method(with_ctr)
     n = ro.tokens.shape[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from rlcsd_jax.data.readers import mapped_record
 from rlcsd_jax.data.records import Record
 
 def _tfds():
@@ -101,7 +102,6 @@ def read_tfds(
     """
     tfds = _tfds()
 
-    from rlcsd_jax.data.readers import mapped_record
 
     # Read from the prepared files alone: works for any dataset, needs none of its builder code.
     builder = tfds.builder_from_directory(_builder_dir(name, data_dir))

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlcsd_jax.data.packing import bucket_length
+from rlcsd_jax.distributed import multihost
 from rlcsd_jax.inference import paged_attention, pages, programs, scheduler
 from rlcsd_jax.inference.selection import SamplingOptions
 
@@ -283,7 +284,6 @@ def generate_batch(graphdef, params, prompts: Sequence[Sequence[int]], *, num_sa
     out = engine.run()
     if jax.process_count() == 1:
         return out
-    from rlcsd_jax.distributed import multihost
 
     stats = out.pop("stats")
     return dict(multihost.local_block(out), stats=stats)
@@ -296,7 +296,6 @@ def _gather_prompts(prompts) -> list[list[int]]:
     prompts = [list(map(int, p)) for p in prompts]
     if jax.process_count() == 1:
         return prompts
-    from rlcsd_jax.distributed import multihost
 
     width = multihost.global_max(max(len(p) for p in prompts))
     block = np.full((len(prompts), width + 1), -1, np.int64)

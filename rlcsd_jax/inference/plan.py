@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rlcsd_jax import models
+from rlcsd_jax.distributed import sharding
 from rlcsd_jax.inference import paged_attention, pages, programs
 from rlcsd_jax.inference.selection import SamplingOptions
 
@@ -37,9 +39,6 @@ def _rows(shape, dtype, mesh):
 def abstract_params(cfg, mesh, dtype=None):
     """(graphdef, params as ShapeDtypeStructs with their rule-table shardings), floating leaves
     in `dtype` (default the compute dtype: the trainer decodes with a compute-dtype copy)."""
-    from rlcsd_jax import models
-
-    from rlcsd_jax.distributed import sharding
     graphdef, params = nnx.split(models.abstract_model(cfg))
     shardings = sharding.param_shardings(params, mesh)
     dtype = jnp.dtype(dtype or cfg.dtype)

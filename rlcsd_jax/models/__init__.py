@@ -12,6 +12,7 @@ import math
 import jax
 from flax import nnx
 
+from rlcsd_jax.distributed import sharding as sharding_lib
 from rlcsd_jax.models import olmo3, qwen3
 from rlcsd_jax.models.config import (FULL, SLIDING, ModelConfig, RopeConfig, from_hf_config,
                                      to_hf_config)
@@ -56,8 +57,6 @@ def load_pretrained(hf_dir: str, dtype: str = "float32", param_dtype: str = "flo
     dtype is the compute dtype, param_dtype the stored parameter dtype.  With a mesh every
     parameter is placed directly with its rule-table sharding while streaming.
     """
-    from rlcsd_jax.distributed import sharding as sharding_lib
-
     reader = SafetensorsReader(hf_dir)
     cfg = config_for(hf_dir, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     graphdef, abstract_params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)

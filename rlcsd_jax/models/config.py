@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 from typing import Any
+from rlcsd_jax.models.layers import yarn_default_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "olmo3")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -88,7 +89,6 @@ def _rope_from_dict(d: dict, default_theta: float) -> RopeConfig:
         return RopeConfig(theta=theta)
     if rope_type != "yarn":
         raise ValueError(f"rope_type {rope_type!r} is not supported (default, yarn)")
-    from rlcsd_jax.models.layers import yarn_default_attention_factor
 
     factor = float(d["factor"])
     attention_factor = d.get("attention_factor")

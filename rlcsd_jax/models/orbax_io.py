@@ -14,6 +14,7 @@ import shutil
 import jax
 from flax import nnx
 
+from rlcsd_jax.distributed import sharding as sharding_lib
 from rlcsd_jax.models.config import from_hf_config
 from rlcsd_jax.models.decoder import abstract_model
 from rlcsd_jax.models.hf_io import CheckpointError, load_hf_config_dict
@@ -91,8 +92,6 @@ def _check_compatible(path, saved, target) -> None:
 def load_converted(path: str, dtype: str = "float32", param_dtype: str = "float32", mesh=None,
                    rules=None, **config_overrides):
     """Model from a converted folder (see module docstring)."""
-    from rlcsd_jax.distributed import sharding as sharding_lib
-
     if not is_converted_dir(path):
         raise CheckpointError(f"{path} is not a converted checkpoint (no {PARAMS_DIR}/ folder)")
     cfg = from_hf_config(load_hf_config_dict(path), dtype=dtype, param_dtype=param_dtype,

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 
 from rlcsd_jax.analysis.results_table import (AVG_COLUMN, GROUPS, aggregate_columns, append_row,
                                               format_table, percent, table_row)
+from rlcsd_jax.data import storage
 from rlcsd_jax.trainer import checkpoint_lookup
+from rlcsd_jax.trainer import setup as setup_lib
 from rlcsd_jax.trainer.checkpoint_lookup import Target, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,6 @@ def restore_params(trainer, target: Target) -> int:
 
 
 def _has_tokenizer(folder: str) -> bool:
-    from rlcsd_jax.data import storage
-
     return any(storage.exists(storage.join(folder, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
@@ -105,7 +105,6 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, step: int | None = None,
     """Build the Trainer for `checkpoint`, evaluate it; returns the results.json dict."""
     import jax
 
-    from rlcsd_jax.trainer import setup as setup_lib
     from rlcsd_jax.trainer.rl_trainer import Trainer
 
     if not cfg.data.eval:

@@ -25,6 +25,12 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlcsd_jax import sampling
+from rlcsd_jax.inference import paged_attention
+from rlcsd_jax.inference import pages
+from rlcsd_jax.inference import plan as engine_plan
+from rlcsd_jax.inference import programs as engine_programs
+from rlcsd_jax.models.config import SLIDING
+from rlcsd_jax.planner import flops
 from rlcsd_jax.trainer import setup
 from rlcsd_jax.trainer import shared_programs
 from rlcsd_jax.trainer import update as update_lib
@@ -38,8 +44,6 @@ from rlcsd_jax.trainer.program_shapes import (  # noqa: F401
 def _generate_programs(rs: RunSetup, graphdef, params_c, name: str, phase: str, prompts: int,
                        width: int, samples: int, options, max_new: int, calls: float,
                        mean_new: float, lower_dependent: Callable, resident) -> list[Program]:
-    from rlcsd_jax.planner import flops
-
     mesh, mcfg = rs.mesh, rs.model_config
     static = sampling.make_static(max_new_tokens=max_new, num_samples=samples, options=options,
                                   eos_ids=rs.eos_ids, pad_id=rs.pad_id, mesh=mesh)
@@ -159,8 +163,6 @@ def engine_shape(cfg, mcfg, mesh, *, prompts: int, samples: int, width: int, max
     every slot at the longest row (+ a shared partial page), otherwise from kv_budget_tokens.
     The first admission wave takes min(prompts, slots // G) prompts (each prefilled once for its
     G samples) spread over the shards, rows per shard rounded up to a power of 4."""
-    from rlcsd_jax.inference import pages
-
     rows = prompts * samples
     opts = setup.engine_options(cfg, mcfg, mesh, free_bytes, rows)
     shards = pages.batch_shards(mesh)
@@ -183,9 +185,6 @@ def engine_shape(cfg, mcfg, mesh, *, prompts: int, samples: int, width: int, max
 def live_kv_bytes(mcfg, mesh, kv_len: float) -> float:
     """KV bytes one slot's decode step reads on its device at `kv_len` live tokens: every layer's
     k and v (sliding layers at most the window), kv heads split over 'tensor' when they divide."""
-    from rlcsd_jax.inference import paged_attention
-    from rlcsd_jax.models.config import SLIDING
-
     kv = mcfg.num_kv_heads
     if paged_attention.head_axis(mesh, kv):
         kv //= mesh.shape["tensor"]
@@ -199,10 +198,6 @@ def _engine_programs(rs: RunSetup, graphdef, params_c, name: str, phase: str, es
     """The engine's prefill (first admission wave) and decode (`steps_per_call` steps of every
     slot) programs of one generation job, lowered from `inference.plan.abstract_args` with the
     trainer's compute-dtype parameters.  The page-copy program (a few pages) is left out."""
-    from rlcsd_jax.inference import plan as engine_plan
-    from rlcsd_jax.inference import programs as engine_programs
-    from rlcsd_jax.planner import flops
-
     mesh, mcfg = rs.mesh, rs.model_config
     args = engine_plan.abstract_args(
         mcfg, mesh, max_slots=es.slots, num_pages=es.shards * es.pages_per_shard,
@@ -252,8 +247,6 @@ def build(rs: RunSetup, *, mean_response_len: int | None = None,
     the train state and the compute-dtype copy of the weights (`setup.engine_options`); None =
     the engine's default (every slot can hold the longest row).
     """
-    from rlcsd_jax.planner import flops
-
     cfg, mesh, mcfg = rs.cfg, rs.mesh, rs.model_config
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
     sh = shapes or step_shapes(cfg, devices, mean_response_len)

@@ -7,6 +7,7 @@ aggregation; algorithm.md §3, §4.0, §4.9), the tiny random model, K&K generat
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import jax
@@ -15,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from rlcsd_jax import losses, models
+from rlcsd_jax.inference import kv_budget_tokens_for_bytes
+from rlcsd_jax.trainer import state as state_lib
 from rlcsd_jax.trainer import train_config
 from rlcsd_jax.distributed import multihost, sharding
 from rlcsd_jax.data import prompts as prompts_lib
@@ -266,8 +269,6 @@ def engine_options(cfg, model_config, mesh, free_bytes_per_device: float | None,
     rows rounded up to the batch shards; a job that fits in one wave keeps its slots to the
     end (one decode program).  The pool holds engine.kv_budget_tokens, or kv_memory_fraction
     of the free memory, or (neither known) every slot at the longest row."""
-    from rlcsd_jax.inference import kv_budget_tokens_for_bytes
-
     e = cfg.engine
     shards = int(mesh.shape["data"] * mesh.shape["fsdp"]) if mesh is not None else 1
     slots = min(int(e.max_slots), -(-int(rows) // shards) * shards)
@@ -352,10 +353,6 @@ def model_config(cfg, vocab_size: int | None = None):
 def abstract_build(cfg) -> dict:
     """Shapes and shardings of the whole train state on the configured mesh (no memory):
     catches config typos, mesh / divisibility problems and per-chip sizes before a TPU job."""
-    import math
-
-    from rlcsd_jax.trainer import state as state_lib
-
     check_config(cfg)
     mesh = make_mesh(cfg)
     mcfg = model_config(cfg)

@@ -31,7 +31,9 @@ import numpy as np
 
 from rlcsd_jax import losses, scoring
 from rlcsd_jax.models import flash
+from rlcsd_jax.planner import flops
 from rlcsd_jax.trainer import program_shapes as programs_lib
+from rlcsd_jax.trainer import setup
 from rlcsd_jax.trainer import shared_scoring
 
 # Tokens of a teacher prompt beyond the student prompt and the hint's text: the teacher
@@ -63,16 +65,12 @@ class SharedTypical:
 def continuation_flops(mcfg, rows: int, prefix: int, t: int) -> float:
     """Model FLOPs of `rows` continuations of t tokens over a prefix of `prefix` tokens: body and
     LM head on the t tokens, attention of the last t queries of a causal row of prefix + t."""
-    from rlcsd_jax.planner import flops
-
     attn = flops.attention_flops(mcfg, 1, prefix + t) - flops.attention_flops(mcfg, 1, prefix)
     return rows * (2.0 * flops.body_matmul_params(mcfg) * t + 2.0 * flops.head_params(mcfg) * t
                    + attn)
 
 
 def prefix_flops(mcfg, rows: int, width: int) -> float:
-    from rlcsd_jax.planner import flops
-
     return flops.forward_flops(mcfg, rows, width, head_tokens=0)
 
 
@@ -262,8 +260,6 @@ def standalone(rs: programs_lib.RunSetup, *, mean_response_len: int | None = Non
                shapes: programs_lib.Shapes | None = None) -> list[programs_lib.Program]:
     """`teacher_programs` of a run outside `programs.build` (the abstract train state and the
     step's shapes made as build makes them)."""
-    from rlcsd_jax.trainer import setup
-
     cfg, mesh = rs.cfg, rs.mesh
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     sh = shapes or programs_lib.step_shapes(cfg, shards, mean_response_len)

@@ -24,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from rlcsd_jax.data import packing
 from rlcsd_jax.distributed import multihost
 from rlcsd_jax.data.packing import bucket_length, default_bucket
 
@@ -214,8 +215,6 @@ def teacher_rows(rollouts, contexts, rows: np.ndarray, positions: np.ndarray, *,
                  max_len: int) -> list[Row]:
     """One row per valid context of each rollout (correct hint first, then its wrong hints),
     the prompt left-truncated so prompt + response fit `max_len`, as full-row scoring does."""
-    from rlcsd_jax.data import packing
-
     out = []
     for i, (r, pos) in enumerate(zip(rows, positions)):
         response = tuple(rollouts.response_ids(r))

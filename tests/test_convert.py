@@ -114,9 +114,9 @@ def test_pickle_checkpoint_refused(good):
 
 
 def test_converted_checkpoint_with_other_config_names_paths(tmp_path, good):
-    from rlcsd_jax import convert
+    from rlcsd_jax.models import conversion
 
-    convert.hf_to_orbax(str(good), str(tmp_path / "conv"))
+    conversion.hf_to_orbax(str(good), str(tmp_path / "conv"))
     cfg = json.loads((tmp_path / "conv" / "config.json").read_text())
     cfg["intermediate_size"] = 80
     (tmp_path / "conv" / "config.json").write_text(json.dumps(cfg))
@@ -156,7 +156,7 @@ def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rlcsd_jax.trainer import checkpoint_lookup
-    from rlcsd_jax.convert import _pure
+    from rlcsd_jax.trainer.export import _pure
     from rlcsd_jax.models import hf_io
 
     out = tmp_path / "hf"

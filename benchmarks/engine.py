@@ -111,11 +111,12 @@ def run_static(model, prompts, cap: int, *, num_samples=1):
     import jax
 
     from rlcsd_jax import sampling
+    from rlcsd_jax.data import packing
 
     from flax import nnx
 
     graphdef, params = nnx.split(model)
-    width = sampling.bucket_length(max(map(len, prompts)))
+    width = packing.bucket_length(max(map(len, prompts)))
     ids, mask = sampling.left_pad(prompts, width)
     t0 = time.perf_counter()
     out = sampling.generate_arrays(graphdef, params, ids, mask, jax.random.key(0),

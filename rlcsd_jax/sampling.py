@@ -33,14 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from rlcsd_jax.data.packing import bucket_length  # noqa: F401 (callers use sampling's)
 from rlcsd_jax.distributed import sharding
 from rlcsd_jax.inference import programs as engine_programs
 from rlcsd_jax.inference.engine import generate_batch
 from rlcsd_jax.inference.pages import kv_budget_tokens_for_bytes
 # Token selection lives with the engine; re-exported here (the public names of this module).
-from rlcsd_jax.inference.selection import (  # noqa: F401
-    SamplingOptions, filtered_logits, select_tokens)
+from rlcsd_jax.inference.selection import SamplingOptions, select_tokens  # noqa: F401
 from rlcsd_jax.models.decoder import KVCache
 
 # Prompt widths: `data.packing`'s rule (powers of two, then steps of 2,048 above 8,192).

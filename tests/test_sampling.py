@@ -11,6 +11,7 @@ from helpers.hf_fixtures import hf_greedy, pair, qwen3_config, strip  # noqa: F4
 from rlcsd_jax import models, sampling
 
 
+from rlcsd_jax.data import packing
 from rlcsd_jax.distributed import sharding
 def test_greedy_matches_hf_generate(pair):
     hf, model = pair
@@ -114,7 +115,7 @@ def test_recompilation_bounded_by_buckets():
     used = set()
     for _ in range(20):
         prompts = [rng.integers(3, 128, size=int(n)).tolist() for n in rng.integers(1, 30, 4)]
-        used.add(sampling.bucket_length(max(map(len, prompts)), buckets))
+        used.add(packing.bucket_length(max(map(len, prompts)), buckets))
         sampling.generate(model, prompts, max_new_tokens=4, temperature=1.0, top_k=5,
                           buckets=buckets, seed=int(rng.integers(1 << 30)))
     after = sampling.compile_counts()

@@ -15,6 +15,7 @@ import numpy as np
 
 from rlcsd_jax import losses, rewards, sampling
 from rlcsd_jax.distributed import multihost
+from rlcsd_jax.data import packing
 from rlcsd_jax.data import prompts as prompts_lib
 from rlcsd_jax.data.records import Record
 
@@ -78,7 +79,7 @@ def pad_prompts(encoder: PromptEncoder, records: Sequence[Record], buckets, pad_
     """Left-padded [P, Pb] ids and mask; Pb is the bucket of the longest prompt on ANY host
     (the processes' blocks form one global array)."""
     ids = [encoder(r) for r in records]
-    width = sampling.bucket_length(multihost.global_max(max(len(x) for x in ids)), buckets)
+    width = packing.bucket_length(multihost.global_max(max(len(x) for x in ids)), buckets)
     return sampling.left_pad(ids, width, pad_id)
 
 

@@ -11,9 +11,10 @@ PATH is one of
     the training config (same model and `--config.method`: the state's layout depends on them).
     The checkpoint folder is opened read-only, so a run that is still training is not disturbed.
 
-Scoring (`trainer.checkpoint_eval`, algorithm.md §5) runs `Trainer.evaluate()`: `config.eval.num_samples` samples per
-problem (<0: 12 for math, 1 for logic) at `config.eval.temperature` (0.6), mean@k per data
-source (pass@1 when k = 1), and the unweighted mean over sources.  DIR/results.json holds the
+Scoring (`analysis.checkpoint_eval`, algorithm.md §5) runs `Trainer.evaluate()`:
+`config.eval.num_samples` samples per problem (<0: 12 for math, 1 for logic) at
+`config.eval.temperature` (0.6), mean@k per data source (pass@1 when k = 1), and the unweighted
+mean over sources.  DIR/results.json holds the
 scores and settings; DIR/results.md a paper-style table in percent (math sources amc23 / aime24 /
 aime25 -> "Math Avg", K&K kk_4to8_test / kk_9 / kk_10 / kk_11 -> "Logic Avg").  `--append_to`
 adds (or replaces, by row name) this checkpoint's row in another markdown table.
@@ -52,7 +53,7 @@ def main(argv) -> int:
     multihost.initialize(cfg.distributed)   # before any JAX computation
     import jax
 
-    from rlcsd_jax.trainer import checkpoint_eval
+    from rlcsd_jax.analysis import checkpoint_eval
 
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     results = checkpoint_eval.evaluate_checkpoint(cfg, _CHECKPOINT.value, step=_STEP.value,

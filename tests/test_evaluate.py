@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from rlcsd_jax.analysis import results_table
-from rlcsd_jax.trainer import checkpoint_eval, checkpoint_lookup
+from rlcsd_jax.analysis import checkpoint_eval
+from rlcsd_jax.trainer import checkpoint_lookup
 from rlcsd_jax import models
 from rlcsd_jax.data.records import Record
 from rlcsd_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer

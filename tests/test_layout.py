@@ -112,3 +112,39 @@ def test_no_library_module_imports_an_entry_point():
     offenders = sorted(f"{m} imports {t}" for m, ts in edges.items() if m not in entry_points
                        for t in ts & entry_points)
     assert not offenders, offenders
+
+
+# Lower layers never import higher ones: data flows data -> inference / sampling -> rewards ->
+# hints -> scoring -> losses -> trainer -> analysis.  The planner and the trainer share a layer:
+# the planner compiles the trainer's programs, the trainer checks their memory with it.
+LAYERS = (
+    ("cli", "distributed"),
+    ("data", "models"),
+    ("inference",),
+    ("sampling",),
+    ("rewards",),
+    ("hints",),
+    ("scoring",),
+    ("losses",),
+    ("planner", "trainer"),
+    ("analysis",),
+    ("train", "evaluate", "convert", "plan", "plot", "analyze_style"),
+)
+
+
+def layer_of(module: str) -> int:
+    """Index in LAYERS of the top-level part of `rlcsd_jax.<part>...` (-1: the package itself)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1
+    for i, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return i
+    raise AssertionError(f"{module}: add rlcsd_jax.{parts[1]} to a layer in LAYERS")
+
+
+def test_imports_flow_from_lower_layers_to_higher_ones():
+    edges = import_edges(module_files())
+    upward = sorted(f"{a} imports {b}" for a, targets in edges.items() for b in targets
+                    if layer_of(b) > layer_of(a))
+    assert not upward, "a module imports one of a higher layer:\n" + "\n".join(upward)

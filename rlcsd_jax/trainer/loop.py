@@ -58,8 +58,12 @@ class _SaveClock:
         self.last = time.monotonic()
 
 
-def run(cfg, workdir: str) -> dict:
-    """Train according to `cfg`; returns the final summary dict (also written to the workdir)."""
+def run(cfg, workdir: str, *, diagnose=None) -> dict:
+    """Train according to `cfg`; returns the final summary dict (also written to the workdir).
+
+    diagnose: optional `fn(trainer) -> dict`, called after the warm start and evaluation and
+    again after the last step; its results are the summary's `diagnostics_before` /
+    `diagnostics_after` (e.g. `analysis.role_tokens.diagnose`, which sits in a higher layer)."""
     storage.makedirs(workdir)
     t_start = time.perf_counter()
     is_host0 = jax.process_index() == 0
@@ -94,6 +98,8 @@ def run(cfg, workdir: str) -> dict:
             ev = tr.evaluate()
             logger.write(0, ev)
             summary["eval_before"] = ev
+        if diagnose is not None:
+            summary["diagnostics_before"] = diagnose(tr)
         summary["reward_first"] = None
 
     def save(step, metrics=None, force=False) -> bool:
@@ -142,6 +148,8 @@ def run(cfg, workdir: str) -> dict:
         ev = tr.evaluate()
         logger.write(tr.step, ev)
         summary["eval_after"] = ev
+    if diagnose is not None:
+        summary["diagnostics_after"] = diagnose(tr)
     ckpt.wait()
     summary.update(steps=tr.step, reward_last=rewards[-1] if rewards else None,
                    reward_mean_last5=float(np.mean(rewards[-5:])) if rewards else None,
@@ -176,5 +184,9 @@ def format_summary(s: dict) -> str:
              f"train reward: {s.get('reward_first')} (first step) -> "
              f"{s.get('reward_mean_last5')} (mean of last 5 steps)",
              f"held-out accuracy (eval/avg): {acc(before)} (before RL) -> "
-             f"{acc(after)} (after RL)", *change, "=" * 72]
+             f"{acc(after)} (after RL)", *change,
+             *[f"{when} RL: {s[key]['line']}" for when, key in
+               (("before", "diagnostics_before"), ("after", "diagnostics_after"))
+               if isinstance(s.get(key), dict) and "line" in s[key]],
+             "=" * 72]
     return "\n".join(lines)

@@ -110,8 +110,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Supervised warm start on dataset solutions before RL (used by the tiny demo).
     c.warm_start = ml_collections.ConfigDict(dict(
         steps=0, lr=1e-3, batch_size=32, warmup_steps=10, num_examples=0,
-        target="solution",                  # "solution" (CoT + answer) or "answer" only
-        schedule="constant"))               # after warmup: "constant" or "cosine" (to 0)
+        target="solution",                  # "solution" (CoT + answer), "answer" only, or
+                                            # "answer_hints": answer-only plus teacher-template
+                                            # examples with correct / wrong hints (K&K)
+        schedule="constant",                # after warmup: "constant" or "cosine" (to 0)
+        # Held-out prompts on which role-token e_ctr / e_c are measured before and after RL
+        # (K&K; read by analysis.role_tokens.run, `python -m benchmarks.tiny_hints_train`;
+        # in summary.json); 0 = off.
+        hint_diagnostics=0))
     return c
 
 

@@ -6,12 +6,24 @@ reward 0 everywhere.  A few hundred steps of next-token training on
 RL then improves correctness.  Loss: token-mean negative log-likelihood of the response tokens,
 computed with the same chunked scoring code as the RL losses.
 
+`target="answer_hints"` (configs/tiny_hints.py) makes the warm start a mixture that also
+teaches the model to read the teacher's "Reference Solution" context (algorithm.md §2.1): per
+record, the answer-only student example plus `HINT_EXAMPLES_PER_RECORD` teacher-template
+examples, rendered with the trainer's own teacher prompt code (`prompts.teacher_user_message`
+through `rollout.PromptEncoder.text_ids`, as `hints.build_group_hints` renders a sibling
+rollout), whose hint is either the correct answer or a wrong one (the ground truth with a
+non-empty random subset of Knights & Knaves roles flipped), and whose target is the hint's
+answer.  Under a wrong hint the model then puts its mass on the wrong roles, so RLCSD's
+contrast e_ctr (algorithm.md §4.8) has something to measure: a tiny model never trained on
+the template ignores it (docs/tiny_demo.md).
+
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 
 import jax
@@ -21,11 +33,16 @@ import optax
 from flax import nnx
 
 from rlcsd_jax import scoring
-from rlcsd_jax.data import packing
+from rlcsd_jax.data import packing, prompts as prompts_lib
 from rlcsd_jax.trainer import state as state_lib
 
 
-TARGETS = ("solution", "answer")
+TARGETS = ("solution", "answer", "answer_hints")
+# answer_hints: teacher-template examples per record (half with a correct, half with a wrong
+# hint on average), next to the record's student example.
+HINT_EXAMPLES_PER_RECORD = 2
+WRONG_HINT_SHARE = 0.5
+_ROLE = re.compile(r"\b(knight|knave)\b")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -38,17 +55,64 @@ def target_text(record, target: str = "solution") -> str:
     if target not in TARGETS:
         raise ValueError(f"warm_start.target={target!r}; allowed: {', '.join(TARGETS)}")
     thinking = record.solution.strip() if target == "solution" else ""
-    return f"<think>\n{thinking}\n</think>\n\n\\boxed{{{record.ground_truth}}}"
+    return answer_text(record.ground_truth, thinking)
 
 
-def encode_examples(records, encoder, tokenizer, eos_id: int, target: str = "solution"):
-    """[(prompt ids, response ids)] for records that carry a solution."""
+def answer_text(answer: str, thinking: str = "") -> str:
+    return f"<think>\n{thinking}\n</think>\n\n\\boxed{{{answer}}}"
+
+
+def wrong_answer(answer: str, rng: np.random.Generator) -> str:
+    """A Knights & Knaves answer with a non-empty random subset of its roles flipped (what a
+    wrong sibling rollout looks like once names are learnt: a role error)."""
+    roles = list(_ROLE.finditer(answer))
+    if not roles:
+        raise ValueError(f"no knight/knave role in answer {answer!r}")
+    flip = rng.random(len(roles)) < 0.5
+    flip[int(rng.integers(len(roles)))] = True
+    out, last = [], 0
+    for m, f in zip(roles, flip):
+        out.append(answer[last:m.start()])
+        out.append(("knave" if m.group(1) == "knight" else "knight") if f else m.group(1))
+        last = m.end()
+    return "".join(out) + answer[last:]
+
+
+def hint_examples(record, encoder, tokenizer, eos_id: int, rng: np.random.Generator,
+                  n: int = HINT_EXAMPLES_PER_RECORD, wrong_share: float = WRONG_HINT_SHARE):
+    """`n` teacher-template examples for one record: the hint is a rollout-shaped answer
+    (correct, or with `wrong_answer`'s flipped roles with probability `wrong_share`), rendered
+    as `hints.build_group_hints` renders a sibling (the decoded response text as the solution,
+    its boxed answer as "Correct final answer"), and the target is the hint's own answer."""
+    problem = prompts_lib.strip_legacy_wrappers(record.problem)
+    out = []
+    for _ in range(n):
+        answer = (wrong_answer(record.ground_truth, rng) if rng.random() < wrong_share
+                  else record.ground_truth)
+        ids = tokenizer.encode(answer_text(answer), add_special_tokens=False)
+        # the rollout's text as the trainer decodes it (rollout.decode skips special tokens)
+        hint_response = tokenizer.decode(ids, skip_special_tokens=True)
+        message = prompts_lib.teacher_user_message(problem, hint_response, answer)
+        out.append((encoder.text_ids(message), ids + [eos_id]))
+    return out
+
+
+def encode_examples(records, encoder, tokenizer, eos_id: int, target: str = "solution", *,
+                    seed: int = 0):
+    """[(prompt ids, response ids)] for records that carry a solution (answer_hints: plus the
+    records' teacher-template examples, drawn with `seed`)."""
+    if target not in TARGETS:
+        raise ValueError(f"warm_start.target={target!r}; allowed: {', '.join(TARGETS)}")
+    rng = np.random.default_rng([seed, 4242])
     out = []
     for r in records:
         if target == "solution" and not r.solution:
             continue
-        response = tokenizer.encode(target_text(r, target), add_special_tokens=False) + [eos_id]
+        plain = "answer" if target == "answer_hints" else target
+        response = tokenizer.encode(target_text(r, plain), add_special_tokens=False) + [eos_id]
         out.append((encoder(r), response))
+        if target == "answer_hints":
+            out.extend(hint_examples(r, encoder, tokenizer, eos_id, rng))
     if not out:
         raise ValueError("warm start needs records with a `solution` (dataset CoT)")
     return out

@@ -8,8 +8,8 @@
    eval, role-token diagnostics via `benchmarks.tiny_hints_train`, one checkpoint) in OUT/base, exported to an HF folder
    (OUT/base_hf, `rlcsd_jax.convert --to_hf`, bit-exact in fp32).  Skipped when present.
 2. One RL run per (method, seed) from that folder (`model.checkpoint`, no warm start), in
-   OUT/<method>_s<seed>, evaluating held-out pass@1 every `eval_every` steps; runs already
-   holding a summary.json are reused.  `--parallel N` runs N at once.
+   OUT/<method>_s<seed>, evaluating held-out pass@1 every `eval_every` steps; a run that
+   already holds `--steps` steps is reused, a shorter one is continued from its checkpoint.  `--parallel N` runs N at once.
 3. OUT/results.json and OUT/results.md: per-seed pass@1 at each evaluated step, the mean over
    seeds with its standard error (SD / sqrt(seeds)), and the first step at which each method's
    mean reaches GRPO's final mean; `--plot` draws the curves (mean ± SE) as a PNG.
@@ -62,6 +62,17 @@ def rl_command(out: str, hf: str, method: str, seed: int, steps: int, eval_every
             f"--config.checkpoint.every={steps}", *extra], workdir
 
 
+def done_steps(workdir: str) -> int:
+    """RL steps a finished run holds (0: none).  A shorter run is resumed from its last
+    checkpoint and continued: the lr is constant after warmup and every random draw derives
+    from (seed, step), so the continuation equals a run of the longer length."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("steps") or 0)
+
+
 def run_all(out: str, hf: str, methods, seeds, steps, eval_every, parallel, extra) -> None:
     pending = [(m, s) for s in seeds for m in methods]
     running: list[tuple[subprocess.Popen, str, float]] = []
@@ -69,7 +80,7 @@ def run_all(out: str, hf: str, methods, seeds, steps, eval_every, parallel, extr
         while pending and len(running) < parallel:
             m, s = pending.pop(0)
             cmd, workdir = rl_command(out, hf, m, s, steps, eval_every, extra)
-            if os.path.exists(os.path.join(workdir, "summary.json")):
+            if done_steps(workdir) >= steps:
                 continue
             print(f"start {m} seed {s}", flush=True)
             running.append((_run(cmd, workdir + ".log"), workdir, time.time()))
@@ -112,12 +123,20 @@ def collect(out: str, methods, seeds) -> dict:
                       per_seed_se={str(s): [per_seed[s][t][1] for t in steps] for s in per_seed},
                       mean=mat.mean(0).tolist(), se=se.tolist())
     ref = "grpo"
-    if ref in res:
+    if ref in res and res[ref]["mean"][-1] > res[ref]["mean"][0]:
+        # Only meaningful when GRPO ended above the base: otherwise step 0 "reaches" it.
         target = res[ref]["mean"][-1]
         for m, r in res.items():
-            hit = [t for t, v in zip(r["steps"], r["mean"]) if v >= target]
+            hit = [t for t, v in zip(r["steps"], r["mean"]) if t > 0 and v >= target]
             r["first_step_at_grpo_final"] = hit[0] if hit else None
+    elif ref in res:
+        for r in res.values():
+            r["first_step_at_grpo_final"] = "n/a: GRPO's final mean is not above its step-0 mean"
     return res
+
+
+def _se(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def render(res: dict) -> str:
@@ -132,6 +151,22 @@ def render(res: dict) -> str:
                      for s in r["per_seed"]]
             lines.append(f"| {t} | " + " | ".join(cells)
                          + f" | {r['mean'][j]:.3f} ± {r['se'][j]:.3f} |")
+        change = np.array([v[-1] - v[0] for v in r["per_seed"].values()])
+        lines.append(f"\nchange step {r['steps'][0]} -> {r['steps'][-1]}: per seed "
+                     + ", ".join(f"{x:+.3f}" for x in change)
+                     + f"; mean {change.mean():+.3f} ± {_se(change):.3f} (SE over seeds)")
+        if m != "grpo" and "grpo" in res:
+            g = res["grpo"]
+            common = [s for s in r["per_seed"] if s in g["per_seed"]]
+            steps = [t for t in r["steps"] if t in g["steps"]]
+            if common and steps:
+                d = np.array([[r["per_seed"][s][r["steps"].index(t)]
+                               - g["per_seed"][s][g["steps"].index(t)] for t in steps]
+                              for s in common])
+                lines.append(f"minus grpo (same seed: same batches, same eval draws), mean "
+                             f"over seeds ± SE, per step: " + ", ".join(
+                                 f"{t}: {d[:, j].mean():+.3f} ± {_se(d[:, j]):.3f}"
+                                 for j, t in enumerate(steps)))
         if "first_step_at_grpo_final" in r:
             lines.append(f"\nfirst evaluated step at which the mean reaches GRPO's final mean: "
                          f"{r['first_step_at_grpo_final']}\n")

@@ -156,7 +156,7 @@ def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rlcsd_jax.trainer import checkpoint_lookup
-    from rlcsd_jax.trainer.export import _pure
+    from rlcsd_jax.trainer.export import as_pure_dict
     from rlcsd_jax.models import hf_io
 
     out = tmp_path / "hf"
@@ -168,7 +168,8 @@ def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
         if step == 1:
             assert _convert("--to_hf", "--src", tiny_run / "checkpoints" / "1", "--out",
                             folder).returncode == 0
-        params = _pure(checkpoint_lookup.restore_subtree(str(tiny_run / "checkpoints"), step))
+        params = as_pure_dict(
+            checkpoint_lookup.restore_subtree(str(tiny_run / "checkpoints"), step))
         want, got = dict(hf_io.hf_tensors(mcfg, params)), read_all(folder)
         assert sorted(want) == sorted(got)
         for name in want:
@@ -177,7 +178,7 @@ def test_export_training_workdir_bit_exact_and_reloadable(tiny_run, tmp_path):
     # transformers loads the export and computes what the trained JAX policy computes.
     model = models.build(mcfg)
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(abstract, _pure(checkpoint_lookup.restore_subtree(
+    nnx.replace_by_pure_dict(abstract, as_pure_dict(checkpoint_lookup.restore_subtree(
         str(tiny_run / "checkpoints"), 2)))
     model = nnx.merge(graphdef, abstract, rest)
     ids = np.random.default_rng(0).integers(3, 700, size=(1, 24))

@@ -168,7 +168,7 @@ def test_bf16_run_checkpoints_resumes_and_exports(tmp_path):
     from helpers.hf_fixtures import hf_logits
     from rlcsd_jax import models
     from rlcsd_jax.trainer import checkpoint_lookup
-    from rlcsd_jax.convert import _pure
+    from rlcsd_jax.trainer.export import as_pure_dict
     from rlcsd_jax.models import hf_io
 
     wd = tmp_path / "run"
@@ -189,7 +189,7 @@ def test_bf16_run_checkpoints_resumes_and_exports(tmp_path):
                         "--out", str(out)], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 0, p.stderr[-3000:]
-    params = _pure(checkpoint_lookup.restore_subtree(ckpts, 2))
+    params = as_pure_dict(checkpoint_lookup.restore_subtree(ckpts, 2))
     mcfg = models.get_preset("qwen3-tiny", vocab_size=768, dtype="float32",
                              param_dtype="bfloat16")
     want = dict(hf_io.hf_tensors(mcfg, params))

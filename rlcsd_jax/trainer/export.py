@@ -23,12 +23,12 @@ from rlcsd_jax.models import orbax_io
 from rlcsd_jax.trainer import checkpoint_lookup as lookup
 
 
-def _pure(tree):
+def as_pure_dict(tree):
     """An orbax-restored nnx state ({..., "weight": {"value": array}}) as a pure dict."""
     if isinstance(tree, dict):
         if set(tree) == {"value"}:
             return tree["value"]
-        return {k: _pure(v) for k, v in tree.items()}
+        return {k: as_pure_dict(v) for k, v in tree.items()}
     return tree
 
 
@@ -74,7 +74,7 @@ def workdir_to_hf(src: str, out: str, step: int | None = None, dtype: str | None
     if run is None:
         raise ValueError(f"{target.path}/{step} holds no readable run config (host state)")
     model_cfg = run.get("model", {})
-    params = _pure(lookup.restore_subtree(target.path, step, "params"))
+    params = as_pure_dict(lookup.restore_subtree(target.path, step, "params"))
     stored = str(jax.tree.leaves(params)[0].dtype)
     kw = dict(dtype=stored, param_dtype=stored,
               scan_layers=bool(model_cfg.get("scan_layers", True)))

@@ -5,11 +5,12 @@
         [--parallel 2] [--plot docs/tiny_hints.png] [--config.KEY=VALUE ...]
 
 1. The base: `configs/tiny_hints.py` with `train.num_steps=0` (warm-start mixture, held-out
-   eval, role-token diagnostics via `benchmarks.tiny_hints_train`, one checkpoint) in OUT/base, exported to an HF folder
+   eval, role-token diagnostics, one checkpoint) in OUT/base, exported to an HF folder
    (OUT/base_hf, `rlcsd_jax.convert --to_hf`, bit-exact in fp32).  Skipped when present.
 2. One RL run per (method, seed) from that folder (`model.checkpoint`, no warm start), in
    OUT/<method>_s<seed>, evaluating held-out pass@1 every `eval_every` steps; a run that
-   already holds `--steps` steps is reused, a shorter one is continued from its checkpoint.  `--parallel N` runs N at once.
+   already holds `--steps` steps is reused, a shorter one is continued from its checkpoint.
+   `--parallel N` runs N at once.
 3. OUT/results.json and OUT/results.md: per-seed pass@1 at each evaluated step, the mean over
    seeds with its standard error (SD / sqrt(seeds)), and the first step at which each method's
    mean reaches GRPO's final mean; `--plot` draws the curves (mean ± SE) as a PNG.
@@ -40,7 +41,7 @@ def _run(cmd: list[str], log_path: str) -> subprocess.Popen:
 def build_base(out: str, extra: list[str]) -> str:
     base, hf = os.path.join(out, "base"), os.path.join(out, "base_hf")
     if not os.path.exists(os.path.join(base, "summary.json")):
-        cmd = [sys.executable, "-m", "benchmarks.tiny_hints_train", f"--config={CONFIG}",
+        cmd = [sys.executable, "-m", "rlcsd_jax.train", f"--config={CONFIG}",
                f"--workdir={base}", "--config.train.num_steps=0", "--config.eval.at_end=False",
                *extra]
         if _run(cmd, os.path.join(out, "base.log")).wait():

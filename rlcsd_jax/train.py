@@ -4,7 +4,9 @@
         [--config.method=grpo --config.rlcsd.tau=0.03 ...]
 
 The workdir holds checkpoints (resumed automatically), metrics (TensorBoard, metrics.jsonl) and
-summary.json.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
+summary.json.  With `--config.warm_start.hint_diagnostics=N` (configs/tiny_hints.py sets 16) the
+role-token e_ctr / e_c diagnostics of `rlcsd_jax.analysis.role_tokens` on N held-out prompts,
+before and after RL, go into the summary too.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
 called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1 (off TPU,
 also set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID; see
 `rlcsd_jax.distributed.multihost.initialize`).
@@ -45,9 +47,10 @@ def main(argv) -> int:
     from rlcsd_jax.distributed import multihost
 
     multihost.initialize(cfg.distributed)   # before any JAX computation
+    from rlcsd_jax.analysis import role_tokens
     from rlcsd_jax.trainer import loop as run_lib
 
-    summary = run_lib.run(cfg, _WORKDIR.value)
+    summary = run_lib.run(cfg, _WORKDIR.value, diagnose=role_tokens.diagnose(cfg))
     print(run_lib.format_summary(summary), flush=True)
     return 0
 

@@ -24,6 +24,7 @@ COMMANDS = (
     ("benchmarks.teacher_tokens", "--topology"),
     ("benchmarks.plan_table", "--configs"),
     ("benchmarks.plan_scaling", "--help"),
+    ("benchmarks.tiny_hints_experiment", "--methods"),
 )
 
 ABSL_APPS = ("rlcsd_jax.train", "rlcsd_jax.evaluate")   # absl's --help exits 1

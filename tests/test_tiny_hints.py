@@ -4,6 +4,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from rlcsd_jax.analysis import role_tokens
 from rlcsd_jax.data import prompts, tokenizer as tokenizer_lib
 from rlcsd_jax.data.readers import kk_records
 from rlcsd_jax.rewards import kk_reward, last_boxed
-from rlcsd_jax.trainer import loop, rollout, warm_start
+from rlcsd_jax.trainer import rollout, warm_start
 
 
 def load_config():
@@ -88,25 +90,25 @@ def test_role_summary_separates_role_tokens(tok):
 
 
 def test_tiny_hints_config_runs_at_smoke_size(tmp_path):
+    """The README's `python -m rlcsd_jax.train --config=configs/tiny_hints.py`, shrunk: the
+    summary carries the role-token diagnostics before and after RL."""
     cfg = load_config()
     assert cfg.warm_start.target == "answer_hints" and cfg.warm_start.hint_diagnostics > 0
-    cfg.data.num_generated_train = 16
-    cfg.data.num_generated_eval = 4
-    cfg.rollout.prompts_per_step = 2
-    cfg.rollout.group_size = 4
-    cfg.rollout.max_new_tokens = 8
-    cfg.train.minibatch_prompts = 2
-    cfg.train.num_steps = 1
-    cfg.warm_start.steps = 2
-    cfg.warm_start.batch_size = 4
-    cfg.warm_start.hint_diagnostics = 2
-    cfg.eval.before_train = cfg.eval.at_end = False
-    cfg.checkpoint.every = 1
-    summary = role_tokens.run(cfg, str(tmp_path))
+    overrides = {
+        "data.num_generated_train": 16, "data.num_generated_eval": 4,
+        "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
+        "train.minibatch_prompts": 2, "train.num_steps": 1, "warm_start.steps": 2,
+        "warm_start.batch_size": 4, "warm_start.hint_diagnostics": 2,
+        "eval.before_train": False, "eval.at_end": False, "checkpoint.every": 1}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(
+        [sys.executable, "-m", "rlcsd_jax.train", f"--config={root}/configs/tiny_hints.py",
+         f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())],
+        capture_output=True, text=True, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 1
     for key in ("diagnostics_before", "diagnostics_after"):
         d = summary[key]
         assert d["prompts"] == 2 and d["rollouts"] == 8, d
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert "diagnostics_after" in on_disk
-    assert "held-out role tokens" in loop.format_summary(summary)
+    assert "held-out role tokens" in p.stdout

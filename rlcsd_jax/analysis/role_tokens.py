@@ -9,9 +9,9 @@ whose decoded text contains "knight" or "knave") and on every other response tok
     e_ctr = lp_T(y | correct) − log mean_k p_T(y | wrong_k)   (RLCSD's contrast, §4.8)
     e_c   = lp_T(y | correct) − lp_S(y)                       (the non-contrastive signal)
 
-`diagnose(cfg)` is the `trainer.loop.run(..., diagnose=)` hook that puts these numbers, on
+`diagnose(cfg)` is the `rlcsd_jax.trainer.loop.run(..., diagnose=)` hook that puts these numbers, on
 `warm_start.hint_diagnostics` held-out prompts before and after RL, into the run summary
-(`run(cfg, workdir)`; the entry point is `python -m benchmarks.tiny_hints_train`).
+(`python -m rlcsd_jax.train` passes it when `hint_diagnostics` > 0).
 `summarize` gives mean |e| on each set, their ratio (role / other), and the share of each
 signal's total |e| that lies on non-role tokens.  A teacher that reads hints has a large
 e_ctr ratio; e_c also spreads mass over tokens where the hint only changes the surface.
@@ -25,7 +25,6 @@ import numpy as np
 
 from rlcsd_jax.analysis import style_drift
 from rlcsd_jax.analysis.style_report import token_strings
-from rlcsd_jax.trainer import loop
 
 ROLE_WORDS = re.compile(r"knight|knave", re.IGNORECASE)
 
@@ -97,8 +96,3 @@ def diagnose(cfg):
         d = measure(trainer, n, seed=cfg.seed)
         return dict(d, line="held-out role tokens: " + format_line(d))
     return fn
-
-
-def run(cfg, workdir: str) -> dict:
-    """`trainer.loop.run` with the role-token diagnostics in the summary."""
-    return loop.run(cfg, workdir, diagnose=diagnose(cfg))

@@ -115,8 +115,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                                             # examples with correct / wrong hints (K&K)
         schedule="constant",                # after warmup: "constant" or "cosine" (to 0)
         # Held-out prompts on which role-token e_ctr / e_c are measured before and after RL
-        # (K&K; read by analysis.role_tokens.run, `python -m benchmarks.tiny_hints_train`;
-        # in summary.json); 0 = off.
+        # (K&K; analysis.role_tokens, run by `python -m rlcsd_jax.train`; in summary.json);
+        # 0 = off.
         hint_diagnostics=0))
     return c
 

@@ -31,6 +31,10 @@ Counted per step:
                rule before the 2,048-token steps above 8k); "no pad" without padding;
   full, trainer  `microbatch.plan` of each mini-batch (8 devices, 40,960 tokens per device):
                C x rows x width of every micro-batch, what `teacher/tokens_computed` counts;
+  full, as filed  full-sequence scoring as it was when shared-prefix scoring was asked for:
+               each mini-batch one [1 + K, rows, T] batch, T the power of two above its
+               longest teacher row, every slot computed (61-69M tokens on these seeds: the
+               "63-73M tokens per step today" the request counted);
   shared       `shared_scoring.plan(rows, shards=8, budget=40960).counters()` per mini-batch,
                as the trainer runs it, with where its padding goes: the ends of packed rows,
                the empty rows of each mini-batch's last call, and prefixes computed twice (a
@@ -182,8 +186,8 @@ def count_step(seed: int, mcfg=None, *, step: int = 0, shards: int = SHARDS,
                prompt_mean=float(w.prompt_len.mean()))
     all_rows, plans, pos = [], [], 0
     full = dict(full_rows=0.0, full_pow2=0.0, full_nopad=0.0, full_valid_nopad=0.0,
-                full_trainer=0.0, full_trainer_pow2=0.0, flops_full_rows=0.0,
-                flops_full_valid=0.0, flops_full_trainer=0.0)
+                full_trainer=0.0, full_trainer_pow2=0.0, full_filed=0.0, flops_full_rows=0.0,
+                flops_full_valid=0.0, flops_full_trainer=0.0, flops_full_filed=0.0)
     pow2_buckets = tuple(1 << i for i in range(4, 17))
     for rows in chunks:
         positions = np.arange(pos, pos + len(rows))
@@ -191,6 +195,13 @@ def count_step(seed: int, mcfg=None, *, step: int = 0, shards: int = SHARDS,
         trows = shared.teacher_rows(ro, ctx, rows, positions, max_len=TEACHER_MAX_LEN)
         all_rows += trows
         plans.append(shared.plan(trows, shards=shards, budget=budget))
+        # full, as filed: one [1 + K, rows, T] batch per mini-batch at its pow2 width
+        width = bucket_length(max(len(r.prefix) + len(r.response) for r in trows), pow2_buckets)
+        head = bucket_length(max(len(r.response) for r in trows), pow2_buckets)
+        full["full_filed"] += (1 + k_max) * len(rows) * width
+        if mcfg is not None:
+            full["flops_full_filed"] += flops_lib.forward_flops(
+                mcfg, (1 + k_max) * len(rows), width, head_tokens=head)
         # full rows: 1 + K slots per rollout, empty wrong slots filled with a copy
         by_rollout: dict = {}
         for r in trows:
@@ -356,6 +367,9 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     per_flop = numbers["full rows (planner)"]["score/teacher"]["seconds"] / typical_flops
     t_trainer = per_flop * float(np.mean([r["flops_full_trainer"] for r in results]))
     numbers["step_seconds"]["full rows (simulated micro-batches)"] = t_trainer
+    filed_pf = float(np.mean([r["flops_full_filed"] for r in results])) / 1e15
+    t_filed = per_flop * filed_pf * 1e15
+    numbers["step_seconds"]["full rows (as filed)"] = t_filed
     typ = typical_from(results, mcfg)
     t_shared = phase("shared-prefix rows", shared_programs.standalone(
         rs, mean_response_len=mean_len, typical=typ))
@@ -371,7 +385,12 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
               f"program's seconds per model FLOP × the simulated {sim_pf:.0f} PFLOP) "
               f"**{t_trainer:.1f} s**; shared-prefix rows **{t_shared:.1f} s** "
               f"({t_full / t_shared:.1f}× less than the planner's full rows, "
-              f"{t_trainer / t_shared:.1f}× less than the simulated ones).  Compute term only: "
+              f"{t_trainer / t_shared:.1f}× less than the simulated ones).  Full-sequence "
+              f"scoring as filed (one pow2-wide batch per mini-batch, every slot; "
+              f"{filed_pf:.0f} PFLOP at the same seconds per model FLOP, an optimistic price: "
+              f"it ran dense attention, which does not fit a chip at these widths) "
+              f"**{t_filed:.1f} s**: shared rows take {t_filed / t_shared:.1f}× less.  "
+              f"Compute term only: "
               f"full rows {c_full:.1f} s, shared {c_shared:.1f} s ({c_full / c_shared:.1f}×).  "
               f"The useful work alone ({useful_pf:.0f} PFLOP at peak on {mesh.size} devices) "
               f"takes {floor:.1f} s: no plan can be more than {t_full / floor:.1f}× faster "
@@ -395,29 +414,33 @@ def _pf(x: float) -> str:
 def table(results: list[dict]) -> list[str]:
     lines = ["| seed | kept rollouts | contexts | distinct prefixes | useful | full rows "
              "(bucket) | full rows (pow2) | full, no pad | full, trainer micro-batches "
-             "(bucket / pow2) | shared-prefix rows | shared / useful | trainer / shared |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(bucket / pow2) | full, as filed | shared-prefix rows | shared / useful | "
+             "trainer / shared | as filed / shared |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         sh = r["shared"]["computed"]
         lines.append(
             f"| {r['seed']} | {r['kept']} / {r['rollouts']} | {r['contexts']:,} | "
             f"{r['prefixes']} | {_m(r['useful'])} | {_m(r['full_rows'])} | {_m(r['full_pow2'])}"
             f" | {_m(r['full_nopad'])} | {_m(r['full_trainer'])} / "
-            f"{_m(r['full_trainer_pow2'])} | {_m(sh)} | **{sh / r['useful']:.3f}** | "
-            f"{r['full_trainer'] / sh:.1f}× |")
+            f"{_m(r['full_trainer_pow2'])} | {_m(r['full_filed'])} | {_m(sh)} | "
+            f"**{sh / r['useful']:.3f}** | {r['full_trainer'] / sh:.1f}× | "
+            f"{r['full_filed'] / sh:.1f}× |")
     return lines
 
 
 def flops_table(results: list[dict]) -> list[str]:
     lines = ["| seed | useful | full rows (bucket) | full valid contexts, no pad | full, trainer "
-             "micro-batches | shared-prefix rows (tiles at their density) | trainer / shared |",
-             "|---|---|---|---|---|---|---|"]
+             "micro-batches | full, as filed | shared-prefix rows (tiles at their density) | "
+             "trainer / shared | as filed / shared |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['seed']} | {_pf(r['flops_useful'])} | {_pf(r['flops_full_rows'])} | "
             f"{_pf(r['flops_full_valid'])} | {_pf(r['flops_full_trainer'])} | "
-            f"{_pf(r['shared']['flops'])} | "
-            f"{r['flops_full_trainer'] / r['shared']['flops']:.1f}× |")
+            f"{_pf(r['flops_full_filed'])} | {_pf(r['shared']['flops'])} | "
+            f"{r['flops_full_trainer'] / r['shared']['flops']:.1f}× | "
+            f"{r['flops_full_filed'] / r['shared']['flops']:.1f}× |")
     return lines
 
 
@@ -459,7 +482,8 @@ def format_section(results: list[dict], args, compiled: list[str] | None) -> str
              "context's response; full rows = every kept rollout × 5 slots, each row padded to "
              "its bucket (pow2: power-of-two buckets, the rule before 2,048-token steps); "
              "trainer = `microbatch.plan` micro-batches, C × rows × width (what "
-             "`teacher/tokens_computed` counts with sharing off); shared = `shared_scoring."
+             "`teacher/tokens_computed` counts with sharing off); as filed = one [5, rows, "
+             "pow2 width] batch per mini-batch, the path shared-prefix scoring replaced; shared = `shared_scoring."
              "plan(rows, shards=8, budget=40960).counters()` per mini-batch as the trainer runs "
              "it (`teacher/tokens_computed` with sharing on)", ""]
     lines += table(results)

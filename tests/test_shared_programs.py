@@ -140,6 +140,8 @@ def test_simulated_counters_are_consistent(step):
     # full rows: padding only adds, every slot >= the valid contexts
     assert r["useful"] < r["full_valid_nopad"] <= r["full_nopad"] <= r["full_rows"]
     assert r["full_rows"] <= r["full_pow2"]
+    # as filed: one pow2-wide batch per mini-batch, at least every slot's pow2 row
+    assert r["full_pow2"] <= r["full_filed"] and r["full_trainer_pow2"] <= r["full_filed"]
     # shared-prefix rows: every computed token is useful, padding or a prefix computed again
     s = r["shared"]
     assert s["computed"] == pytest.approx(

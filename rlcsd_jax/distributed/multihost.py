@@ -25,16 +25,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlcsd_jax.distributed import libtpu_flags
 from rlcsd_jax.distributed.sharding import batch_sharding
 
 
 def initialize(enabled: bool) -> None:
-    """`jax.distributed.initialize()` when asked (config or RLCSD_DISTRIBUTED=1).
+    """The libtpu compiler flags (`libtpu_flags.apply`, always), then
+    `jax.distributed.initialize()` when asked (config or RLCSD_DISTRIBUTED=1).  Call it before
+    any JAX computation.
 
     On TPU pods (and SLURM / Open MPI) JAX finds the coordinator itself.  Elsewhere set
     JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     CPU collectives use gloo, so several CPU processes (tests, a workstation) can train together.
     """
+    libtpu_flags.apply()
     if not (enabled or os.environ.get("RLCSD_DISTRIBUTED") == "1"):
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

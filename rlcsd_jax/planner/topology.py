@@ -21,6 +21,8 @@ import os
 import re
 from functools import lru_cache
 
+from rlcsd_jax.distributed import libtpu_flags
+
 # Public per-chip figures (bf16 dense matmul peak, HBM capacity and bandwidth) from Google's
 # Cloud TPU documentation: https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e.
 _CHIP_FIGURES = {
@@ -101,9 +103,11 @@ def chip_grid(gen: str, chips: int) -> tuple[int, ...]:
 
 
 def ensure_compile_only_env() -> None:
-    """Environment libtpu needs to compile on a machine without a TPU (set before JAX loads)."""
+    """Environment libtpu needs to compile on a machine without a TPU (set before JAX loads),
+    and the compiler flags a run uses (`distributed.libtpu_flags`)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # pytest-xdist workers share it
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")           # no metadata server off GCP
+    libtpu_flags.apply()
 
 
 @lru_cache(maxsize=None)

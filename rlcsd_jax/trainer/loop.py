@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from rlcsd_jax.trainer import checkpointing, metrics as metrics_lib, provenance
-from rlcsd_jax.distributed import multihost
+from rlcsd_jax.distributed import libtpu_flags, multihost
 from rlcsd_jax.data import storage
 from rlcsd_jax.trainer.rl_trainer import Preempted, Trainer
 
@@ -63,7 +63,11 @@ def run(cfg, workdir: str, *, diagnose=None) -> dict:
 
     diagnose: optional `fn(trainer) -> dict`, called after the warm start and evaluation and
     again after the last step; its results are the summary's `diagnostics_before` /
-    `diagnostics_after` (e.g. `analysis.role_tokens.diagnose`, which sits in a higher layer)."""
+    `diagnostics_after` (e.g. `analysis.role_tokens.diagnose`, which sits in a higher layer).
+
+    The libtpu compiler flags are set here too (`libtpu_flags.apply`), for callers such as a
+    notebook that start here; they take effect only if no JAX computation has run yet."""
+    libtpu_flags.apply()
     storage.makedirs(workdir)
     t_start = time.perf_counter()
     is_host0 = jax.process_index() == 0

@@ -56,7 +56,8 @@ def _flags(argv: list[str]):
 
 def run_setup_for(cfg, mesh):
     """Vocabulary and stop ids as the run will have them, without loading any weights (a run
-    without a tokenizer folder builds the tiny tokenizer: so does the planner, in a temp dir)."""
+    without a tokenizer folder builds the tiny tokenizer: so does the planner, in a temporary folder
+    removed once the ids are read)."""
     import json as json_lib
     import tempfile
 
@@ -64,13 +65,13 @@ def run_setup_for(cfg, mesh):
     from rlcsd_jax.trainer import programs, setup
 
     tok_dir = os.path.expanduser(cfg.tokenizer or cfg.model.checkpoint)
-    if not tok_dir:
-        tok_dir = build_tiny_tokenizer(tempfile.mkdtemp(prefix="rlcsd_plan_tok_"),
-                                       vocab_size=cfg.tiny_tokenizer_vocab)
     vocab, eos, pad = None, (), 0
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        tok = load_tokenizer(tok_dir)
-        vocab, eos, pad = len(tok), setup.stop_ids(cfg, tok, tok_dir), setup.pad_id(tok)
+    with tempfile.TemporaryDirectory(prefix="rlcsd_plan_tok_") as scratch:
+        if not tok_dir:
+            tok_dir = build_tiny_tokenizer(scratch, vocab_size=cfg.tiny_tokenizer_vocab)
+        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            tok = load_tokenizer(tok_dir)
+            vocab, eos, pad = len(tok), setup.stop_ids(cfg, tok, tok_dir), setup.pad_id(tok)
     mcfg = setup.model_config(cfg, vocab)
     if not eos:                                # a checkpoint that is not on this machine
         extra = json_lib.loads(mcfg.hf_extra).get("eos_token_id", 0)

@@ -367,8 +367,8 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
     per_flop = numbers["full rows (planner)"]["score/teacher"]["seconds"] / typical_flops
     t_trainer = per_flop * float(np.mean([r["flops_full_trainer"] for r in results]))
     numbers["step_seconds"]["full rows (simulated micro-batches)"] = t_trainer
-    filed_pf = float(np.mean([r["flops_full_filed"] for r in results])) / 1e15
-    t_filed = per_flop * filed_pf * 1e15
+    filed_flops = float(np.mean([r["flops_full_filed"] for r in results]))
+    t_filed = per_flop * filed_flops
     numbers["step_seconds"]["full rows (as filed)"] = t_filed
     typ = typical_from(results, mcfg)
     t_shared = phase("shared-prefix rows", shared_programs.standalone(
@@ -387,8 +387,9 @@ def compile_report(cfg, topology_name: str, results: list[dict]) -> tuple[list[s
               f"({t_full / t_shared:.1f}× less than the planner's full rows, "
               f"{t_trainer / t_shared:.1f}× less than the simulated ones).  Full-sequence "
               f"scoring as filed (one pow2-wide batch per mini-batch, every slot; "
-              f"{filed_pf:.0f} PFLOP at the same seconds per model FLOP, an optimistic price: "
-              f"it ran dense attention, which does not fit a chip at these widths) "
+              f"{filed_flops / 1e15:.0f} PFLOP at the same seconds per model FLOP, an "
+              f"optimistic price: it ran dense attention, which does not fit a chip at these "
+              f"widths) "
               f"**{t_filed:.1f} s**: shared rows take {t_filed / t_shared:.1f}× less.  "
               f"Compute term only: "
               f"full rows {c_full:.1f} s, shared {c_shared:.1f} s ({c_full / c_shared:.1f}×).  "
@@ -483,7 +484,8 @@ def format_section(results: list[dict], args, compiled: list[str] | None) -> str
              "its bucket (pow2: power-of-two buckets, the rule before 2,048-token steps); "
              "trainer = `microbatch.plan` micro-batches, C × rows × width (what "
              "`teacher/tokens_computed` counts with sharing off); as filed = one [5, rows, "
-             "pow2 width] batch per mini-batch, the path shared-prefix scoring replaced; shared = `shared_scoring."
+             "pow2 width] batch per mini-batch, the path shared-prefix scoring replaced; "
+             "shared = `shared_scoring."
              "plan(rows, shards=8, budget=40960).counters()` per mini-batch as the trainer runs "
              "it (`teacher/tokens_computed` with sharing on)", ""]
     lines += table(results)

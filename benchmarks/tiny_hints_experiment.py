@@ -117,8 +117,7 @@ def collect(out: str, methods, seeds) -> dict:
             continue
         steps = sorted(set.intersection(*(set(c) for c in per_seed.values())))
         mat = np.array([[per_seed[s][t][0] for t in steps] for s in per_seed])
-        n = mat.shape[0]
-        se = mat.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(steps), np.nan)
+        se = _se(mat)
         res[m] = dict(steps=steps, seeds=list(per_seed),
                       per_seed={str(s): [per_seed[s][t][0] for t in steps] for s in per_seed},
                       per_seed_se={str(s): [per_seed[s][t][1] for t in steps] for s in per_seed},
@@ -136,8 +135,11 @@ def collect(out: str, methods, seeds) -> dict:
     return res
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+def _se(x: np.ndarray) -> np.ndarray:
+    """Standard error of the mean over the first axis (seeds); nan with a single seed."""
+    if len(x) < 2:
+        return np.full(x.shape[1:], np.nan)
+    return x.std(0, ddof=1) / np.sqrt(len(x))
 
 
 def render(res: dict) -> str:

@@ -6,10 +6,10 @@
 The workdir holds checkpoints (resumed automatically), metrics (TensorBoard, metrics.jsonl) and
 summary.json.  With `--config.warm_start.hint_diagnostics=N` (configs/tiny_hints.py sets 16) the
 role-token e_ctr / e_c diagnostics of `rlcsd_jax.analysis.role_tokens` on N held-out prompts,
-before and after RL, go into the summary too.  On TPU pods every worker runs the same command; `jax.distributed.initialize()` is
-called when `--config.distributed=True` or the environment sets RLCSD_DISTRIBUTED=1 (off TPU,
-also set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID; see
-`rlcsd_jax.distributed.multihost.initialize`).
+before and after RL, go into the summary too.  On TPU pods every worker runs the same command;
+`jax.distributed.initialize()` is called when `--config.distributed=True` or the environment
+sets RLCSD_DISTRIBUTED=1 (off TPU, also set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES
+and JAX_PROCESS_ID; see `rlcsd_jax.distributed.multihost.initialize`).
 """
 
 from __future__ import annotations

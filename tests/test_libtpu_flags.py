@@ -3,7 +3,13 @@ over a user's own value, and the planner's TPU programs are compiled with them."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 from rlcsd_jax.distributed import libtpu_flags
+from rlcsd_jax.planner import topology
 
 
 def test_apply_appends_each_flag_once_and_keeps_the_users_settings():
@@ -22,18 +28,14 @@ def test_apply_appends_each_flag_once_and_keeps_the_users_settings():
 
 
 def test_the_planner_sets_them_before_libtpu_starts(monkeypatch):
-    from rlcsd_jax.planner import topology
-
     monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
     topology.ensure_compile_only_env()
-    import os
-
     for name, setting in libtpu_flags.FLAGS.items():
         assert f"--{name}={setting}" in os.environ["LIBTPU_INIT_ARGS"].split()
 
 
 _FSDP_MATMUL = """
-import json, sys
+import json
 from rlcsd_jax.planner import topology, hlo_cost
 sl = topology.get_slice("v5p-16")
 import jax, jax.numpy as jnp
@@ -51,11 +53,6 @@ print(json.dumps({"windowed": "windowed_dot_general" in text,
 
 
 def _compile_fsdp_matmul(init_args: str | None) -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("LIBTPU_INIT_ARGS", None)
     if init_args is not None:

@@ -9,9 +9,9 @@ whose decoded text contains "knight" or "knave") and on every other response tok
     e_ctr = lp_T(y | correct) − log mean_k p_T(y | wrong_k)   (RLCSD's contrast, §4.8)
     e_c   = lp_T(y | correct) − lp_S(y)                       (the non-contrastive signal)
 
-`diagnose(cfg)` is the `rlcsd_jax.trainer.loop.run(..., diagnose=)` hook that puts these numbers, on
-`warm_start.hint_diagnostics` held-out prompts before and after RL, into the run summary
-(`python -m rlcsd_jax.train` passes it when `hint_diagnostics` > 0).
+`diagnose(cfg)` is the `rlcsd_jax.trainer.loop.run(..., diagnose=)` hook that puts these
+numbers, on `warm_start.hint_diagnostics` held-out prompts before and after RL, into the run
+summary (`python -m rlcsd_jax.train` passes it; None when `hint_diagnostics` is 0).
 `summarize` gives mean |e| on each set, their ratio (role / other), and the share of each
 signal's total |e| that lies on non-role tokens.  A teacher that reads hints has a large
 e_ctr ratio; e_c also spreads mass over tokens where the hint only changes the surface.

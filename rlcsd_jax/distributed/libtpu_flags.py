@@ -1,9 +1,11 @@
-"""The libtpu compiler flags every rlcsd_jax program is compiled with, on a TPU and in the planner.
+"""The libtpu compiler flags every rlcsd_jax program is compiled with, on a TPU and in the
+planner.
 
 libtpu reads `LIBTPU_INIT_ARGS` once, when JAX starts its TPU backend, so `apply()` must run
 before the first JAX computation: `multihost.initialize` (the entry points' first step),
 `trainer.loop.run` and the planner's `topology.ensure_compile_only_env` call it, so a run and its
-plan compile the same programs.  A flag already present in `LIBTPU_INIT_ARGS` is left as the user set it.
+plan compile the same programs.  A flag already present in `LIBTPU_INIT_ARGS` is left as the
+user set it.
 
 Why each flag:
 
